@@ -31,7 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cluster.hardware import CATALOG, QUANTIZATIONS, get_accelerator, quantization_support
+from cluster.hardware import CATALOG, GIB, QUANTIZATIONS, get_accelerator, quantization_support
 from cluster.modelspec import ModelSpec, load_spec
 
 APP_IMPORT_PATH = "deployments.app:build_app"
@@ -62,7 +62,8 @@ class FieldError(ValueError):
     def __init__(self, field: str, value: Any, message: str):
         self.field = field
         self.value = value
-        super().__init__(f"{value!r} {message}" if value is not None else message)
+        self.detail = f"{value!r} {message}"
+        super().__init__(f"{field}: {self.detail}")
 
 
 class ConfigError(ValueError):
@@ -116,6 +117,11 @@ class ModelConfig(_Strict):
     max_num_seqs: int = Field(default=256, ge=1, le=4096, description="Most sequences the engine schedules at once.")
     enable_prefix_caching: bool = Field(default=True, description="Reuse KV blocks of shared prompt prefixes.")
     accelerator: str = Field(description=f"Where each worker runs: one of {', '.join(CATALOG)}.")
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description="How a replica's GPU bundles spread over nodes; STRICT_PACK keeps a replica on one node.",
+    )
+    cpus_per_worker: int = Field(default=1, ge=1, le=64, description="CPUs reserved beside each GPU worker.")
     min_replicas: int = Field(default=1, ge=1, description="Fewest replicas (engines) of this model.")
     max_replicas: int = Field(default=1, ge=1, description="Most replicas (engines) of this model.")
     engine_kwargs: dict[str, Any] = Field(
@@ -132,6 +138,13 @@ class ModelConfig(_Strict):
         if v not in QUANTIZATIONS:
             raise ValueError(f"{v!r} is not a supported quantization; choose one of {', '.join(QUANTIZATIONS)}")
         return v
+
+    @field_validator("source")
+    @classmethod
+    def _absolute_local_path(cls, v: str) -> str:
+        # Replicas run in other processes, maybe other working directories: pin local paths.
+        path = Path(v).expanduser()
+        return str(path.resolve()) if path.is_dir() else v
 
     @field_validator("accelerator")
     @classmethod
@@ -186,6 +199,10 @@ class ModelConfig(_Strict):
         if accel.is_gpu and "cpu_kv_cache_space_gib" in self.model_fields_set:
             raise FieldError(
                 "cpu_kv_cache_space_gib", self.cpu_kv_cache_space_gib, f"applies only to accelerator cpu, not {accel.name}"
+            )
+        if not accel.is_gpu and self.placement_strategy != "PACK":
+            raise FieldError(
+                "placement_strategy", self.placement_strategy, "applies to GPU replicas; a CPU replica is one process"
             )
         if not accel.is_gpu and "gpu_memory_utilization" in self.model_fields_set:
             raise FieldError(
@@ -272,7 +289,9 @@ class ModelConfig(_Strict):
             "max_num_seqs": self.max_num_seqs,
             "enable_prefix_caching": self.enable_prefix_caching,
         }
-        if not self.on_cpu:
+        if self.on_cpu:
+            args["kv_cache_memory_bytes"] = int(self.cpu_kv_cache_space_gib * GIB)
+        else:
             args["gpu_memory_utilization"] = self.gpu_memory_utilization
         args.update(self.engine_kwargs)
         return args
@@ -292,6 +311,8 @@ _FIRST_CLASS_ENGINE_FIELDS = frozenset(
         "max_model_len",
         "max_num_seqs",
         "enable_prefix_caching",
+        "kv_cache_memory_bytes",
+        "distributed_executor_backend",
     }
 )
 
@@ -371,7 +392,7 @@ def _format_error(prefix: str, err: dict[str, Any]) -> str:
     cause = (err.get("ctx") or {}).get("error")
     if isinstance(cause, FieldError):
         loc.append(cause.field)
-        return f"{_path(prefix, loc)}: {cause}"
+        return f"{_path(prefix, loc)}: {cause.detail}"
     kind = err["type"]
     if kind == "extra_forbidden":
         field = str(loc[-1])

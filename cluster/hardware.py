@@ -40,29 +40,31 @@ class Accelerator:
     memory_bytes: int | None
     compute_capability: float | None
     description: str
+    ray_type: str | None = None  # Ray's `accelerator_type:<X>` node resource, when Ray detects one
+
 
     @property
     def is_gpu(self) -> bool:
         return self.compute_capability is not None
 
 
-def _gpu(name: str, mib: int, cc: float, description: str) -> Accelerator:
-    return Accelerator(name, mib * MIB, cc, description)
+def _gpu(name: str, mib: int, cc: float, description: str, ray_type: str | None) -> Accelerator:
+    return Accelerator(name, mib * MIB, cc, description, ray_type)
 
 
 CATALOG: dict[str, Accelerator] = {
     a.name: a
     for a in (
-        _gpu("T4", 15360, 7.5, "NVIDIA T4 16 GB (Turing)"),
-        _gpu("V100-32GB", 32768, 7.0, "NVIDIA V100 32 GB (Volta)"),
-        _gpu("A10G", 23028, 8.6, "NVIDIA A10G 24 GB (Ampere, AWS g5)"),
-        _gpu("L4", 23034, 8.9, "NVIDIA L4 24 GB (Ada)"),
-        _gpu("RTX4090", 24564, 8.9, "NVIDIA GeForce RTX 4090 24 GB (Ada)"),
-        _gpu("L40S", 46068, 8.9, "NVIDIA L40S 48 GB (Ada)"),
-        _gpu("A100-40GB", 40960, 8.0, "NVIDIA A100 40 GB (Ampere)"),
-        _gpu("A100-80GB", 81920, 8.0, "NVIDIA A100 80 GB (Ampere)"),
-        _gpu("H100-80GB", 81559, 9.0, "NVIDIA H100 80 GB (Hopper)"),
-        _gpu("H200", 143771, 9.0, "NVIDIA H200 141 GB (Hopper)"),
+        _gpu("T4", 15360, 7.5, "NVIDIA T4 16 GB (Turing)", "T4"),
+        _gpu("V100-32GB", 32768, 7.0, "NVIDIA V100 32 GB (Volta)", "V100"),
+        _gpu("A10G", 23028, 8.6, "NVIDIA A10G 24 GB (Ampere, AWS g5)", "A10G"),
+        _gpu("L4", 23034, 8.9, "NVIDIA L4 24 GB (Ada)", "L4"),
+        _gpu("RTX4090", 24564, 8.9, "NVIDIA GeForce RTX 4090 24 GB (Ada)", None),
+        _gpu("L40S", 46068, 8.9, "NVIDIA L40S 48 GB (Ada)", "L40S"),
+        _gpu("A100-40GB", 40960, 8.0, "NVIDIA A100 40 GB (Ampere)", "A100-40G"),
+        _gpu("A100-80GB", 81920, 8.0, "NVIDIA A100 80 GB (Ampere)", "A100-80G"),
+        _gpu("H100-80GB", 81559, 9.0, "NVIDIA H100 80 GB (Hopper)", "H100"),
+        _gpu("H200", 143771, 9.0, "NVIDIA H200 141 GB (Hopper)", "H200"),
         Accelerator("cpu", None, None, "x86 CPU with the vLLM CPU build"),
     )
 }

@@ -1,0 +1,79 @@
+"""Where a model replica runs: Ray Serve deployment options derived from its config.
+
+GPU replica: one placement group per replica with one bundle per tensor ×
+pipeline parallel worker, ``{"GPU": 1, "CPU": cpus_per_worker}``; the replica
+actor itself (which drives vLLM's Ray executor) shares the first bundle, as Ray
+Serve LLM does. CPU replica: the vLLM CPU build runs only its multiprocessing
+executor, so the replica reserves one CPU per worker and binds each worker to
+its core through ``VLLM_CPU_OMP_THREADS_BIND``.
+
+Pure: no Ray import, so tests check placement without starting anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cluster.config import ModelConfig
+from cluster.hardware import get_accelerator
+
+REPLICA_ACTOR_CPUS = 1  # the replica process: tokenization, streaming, the engine's front end
+# Seconds: a 70B engine needs minutes to load before its first health check.
+HEALTH_CHECK_PERIOD_S = 10.0
+HEALTH_CHECK_TIMEOUT_S = 60.0
+# Seconds a stopping replica gets to finish the streams in flight and shut its engine down.
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
+
+
+def worker_bundles(cfg: ModelConfig) -> list[dict[str, float]]:
+    """One bundle per engine worker (GPU configs only); the first also holds the replica actor."""
+    accel = get_accelerator(cfg.accelerator)
+    bundle: dict[str, float] = {"GPU": 1, "CPU": cfg.cpus_per_worker}
+    if accel.ray_type:
+        # Ray labels each node with its GPU type; a sliver of that resource pins the GPU model.
+        bundle[f"accelerator_type:{accel.ray_type}"] = 0.001
+    bundles = [dict(bundle) for _ in range(cfg.world_size)]
+    bundles[0]["CPU"] += REPLICA_ACTOR_CPUS
+    return bundles
+
+
+def cpu_threads_bind(cfg: ModelConfig) -> str:
+    """vLLM CPU core binding: one core per TP worker ("0|1"), vLLM's own choice for one worker."""
+    if cfg.world_size == 1:
+        return "auto"
+    return "|".join(str(i) for i in range(cfg.world_size))
+
+
+def deployment_options(cfg: ModelConfig) -> dict[str, Any]:
+    """Ray Serve ``.options(...)`` for the model's deployment."""
+    opts: dict[str, Any] = {
+        "name": deployment_name(cfg.name),
+        # The engine batches up to max_num_seqs; more in flight only queue inside it.
+        "max_ongoing_requests": cfg.max_num_seqs,
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_TIMEOUT_S,
+    }
+    if cfg.min_replicas == cfg.max_replicas:
+        opts["num_replicas"] = cfg.min_replicas
+    else:
+        opts["autoscaling_config"] = {
+            "min_replicas": cfg.min_replicas,
+            "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": max(1, cfg.max_num_seqs // 2),
+        }
+    if get_accelerator(cfg.accelerator).is_gpu:
+        opts["ray_actor_options"] = {"num_cpus": REPLICA_ACTOR_CPUS, "num_gpus": 0}
+        opts["placement_group_bundles"] = worker_bundles(cfg)
+        opts["placement_group_strategy"] = cfg.placement_strategy
+    else:
+        opts["ray_actor_options"] = {
+            "num_cpus": cfg.world_size,
+            "runtime_env": {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": cpu_threads_bind(cfg)}},
+        }
+    return opts
+
+
+def deployment_name(model_name: str) -> str:
+    """Serve deployment names may not contain '/', which hub-style model ids do."""
+    return "model-" + model_name.replace("/", "--")

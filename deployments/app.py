@@ -1,0 +1,47 @@
+"""``build_app``: the builder a Serve config points at (``import_path: deployments.app:build_app``).
+
+YAML ``args`` → ``ClusterConfig`` → memory plan (a config that does not fit is
+refused here, before any actor or engine starts) → one model deployment per
+model and one OpenAI ingress.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from rich.console import Console
+
+from cluster.cli import render_plan
+from cluster.config import ClusterConfig, ConfigError
+from cluster.placement import deployment_options
+from cluster.planner import plan_model
+from deployments.engine import ModelServer
+from deployments.ingress import Ingress
+
+
+class PlanRefused(ValueError):
+    """The config is valid but a model does not fit its accelerators."""
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    try:
+        cfg = ClusterConfig.from_args(args)
+    except ConfigError as e:
+        raise ConfigError([f"kvpilot config: {line}" for line in e.errors]) from None
+    console = Console(stderr=True, soft_wrap=True)
+    refused = []
+    for model in cfg.models:
+        plan = plan_model(model)
+        render_plan(plan, console)
+        if not plan.fits:
+            refused.append(f"{model.name}: short by {plan.shortfall_bytes / 2**30:.2f} GiB per GPU on {plan.gpu}"
+                           + (f"; try {plan.suggestions[0]}" if plan.suggestions else ""))
+    if refused:
+        raise PlanRefused("kvpilot: refusing to start, the memory plan does not fit:\n  " + "\n  ".join(refused))
+    models = {
+        m.name: serve.deployment(ModelServer).options(**deployment_options(m)).bind(m)
+        for m in cfg.models
+    }
+    return Ingress.bind(models, {m.name: m.effective_max_model_len() for m in cfg.models})

@@ -1,0 +1,149 @@
+"""OpenAI request schemas (what clients send) and the plain request a model replica receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_N = 16  # choices per request: each is a full sequence in the engine
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _OpenAIRequest(BaseModel):
+    # OpenAI answers unknown arguments with 400 "Unrecognized request argument"; so do we.
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+    # vLLM extension, used by benchmarks to force fixed-length outputs.
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[int] = Field(description="Text, or token ids")
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v: str | list[int]) -> str | list[int]:
+        if len(v) == 0:
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("suffix is not supported")
+        return v
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What the ingress sends a model replica: a prompt (text, token ids or chat messages) and sampling."""
+
+    request_id: str
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+    max_tokens: int | None = None  # None: whatever the context leaves
+    logprobs: int | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+def completion_to_generation(req: CompletionRequest, request_id: str) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=request_id,
+        prompt=req.prompt,
+        max_tokens=req.max_tokens,
+        logprobs=req.logprobs,
+        sampling=_sampling(req),
+    )
+
+
+def chat_to_generation(req: ChatCompletionRequest, request_id: str) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=request_id,
+        messages=[{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages],
+        max_tokens=req.output_limit(),
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        sampling=_sampling(req),
+    )
+
+
+def _sampling(req: _OpenAIRequest) -> dict[str, Any]:
+    return {
+        "n": req.n,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "stop": req.stop,
+        "seed": req.seed,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "ignore_eos": req.ignore_eos,
+    }
