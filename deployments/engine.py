@@ -36,6 +36,7 @@ class EngineStats:
     num_waiting: int = 0
     prefix_cache_queries: int = 0  # tokens looked up, cumulative
     prefix_cache_hits: int = 0  # tokens found, cumulative
+    generation_tokens: int = 0  # tokens generated, cumulative
     updated_at: float = 0.0
 
 
@@ -47,6 +48,8 @@ def _stat_logger_factory(stats: EngineStats) -> Callable[..., Any]:
             pass
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):  # noqa: ANN001
+            if iteration_stats is not None:
+                stats.generation_tokens += iteration_stats.num_generation_tokens
             if scheduler_stats is None:
                 return
             stats.kv_cache_usage = scheduler_stats.kv_cache_usage
@@ -171,7 +174,9 @@ class ModelServer:
         yield {"prompt_tokens": len(prompt_ids)}
         # On cancellation (client gone) vLLM's generate() aborts the request in the engine.
         async for out in self._engine.generate({"prompt_token_ids": prompt_ids}, params, req.request_id):
-            yield {"choices": [_choice_delta(c, req.logprobs) for c in out.outputs]}
+            choices = [_choice_delta(c, req.logprobs) for c in out.outputs]
+            if any(c["num_tokens"] or c["finish_reason"] for c in choices):
+                yield {"choices": choices}
 
     # --- replica lifecycle and stats -------------------------------------
 
