@@ -32,8 +32,11 @@ test: setup
 test-unit: setup
 	$(BIN)/pytest -q tests/unit
 
+# The CPU default: the tiny AWQ model behind the full stack on http://127.0.0.1:8000.
+# Ctrl-C stops it (serve run shuts the application and its local Ray down).
 serve: setup
-	@echo "make serve: not yet (the serving path lands with issue 3)"
+	@$(BIN)/kvpilot wait-ready http://127.0.0.1:8000 --while-pid $$$$ & \
+	exec $(BIN)/serve run configs/local-cpu.yaml
 
 clean:
 	rm -rf $(FIXTURES)

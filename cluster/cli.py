@@ -120,6 +120,61 @@ def _cmd_tiny_model(ns: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _cmd_wait_ready(ns: argparse.Namespace, console: Console) -> int:
+    """Poll an endpoint until every model is listed, then print how to call it."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    url = ns.url.rstrip("/")
+    deadline = time.monotonic() + ns.timeout
+    with console.status(f"waiting for {url} to serve its models (engines load in about a minute on 2 cores)"):
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
+                    r.read()  # 200 only once every model has a live replica
+                with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as r:
+                    models = [m["id"] for m in json.load(r)["data"]]
+                break
+            except (urllib.error.URLError, OSError, ValueError, KeyError):
+                if ns.while_pid and not _alive(ns.while_pid):
+                    return EXIT_INVALID  # the server exited; it has said why
+                if time.monotonic() > deadline:
+                    console.print(f"[red]error:[/red] {url} did not come up within {ns.timeout:.0f} s")
+                    return EXIT_INVALID
+                time.sleep(1)
+    model = models[0]
+    console.print(f"\n[green]kvpilot is serving {', '.join(models)} at {url}/v1[/green]\n", highlight=False)
+    console.print("curl:", highlight=False)
+    console.print(
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}\'',
+        highlight=False, markup=False,
+    )
+    console.print("\nopenai (Python):", highlight=False)
+    console.print(
+        "  from openai import OpenAI\n"
+        f'  client = OpenAI(base_url="{url}/v1", api_key="unused")\n'
+        f'  r = client.chat.completions.create(model="{model}", max_tokens=32,\n'
+        '                                     messages=[{"role": "user", "content": "Hello!"}])\n'
+        "  print(r.choices[0].message.content)\n",
+        highlight=False, markup=False,
+    )
+    return EXIT_OK
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvpilot", description="Plan and serve quantized LLMs on a Ray cluster.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -146,10 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out")
     tiny.add_argument("--quantization", choices=["none", "awq", "gptq"], default="none")
     tiny.add_argument("--seed", type=int, default=0)
+
+    ready = sub.add_parser("wait-ready", help="wait until an endpoint serves its models, then print how to call it")
+    ready.add_argument("url", nargs="?", default="http://127.0.0.1:8000")
+    ready.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+    ready.add_argument("--while-pid", type=int, help="stop waiting when this process (the server) exits")
     return p
 
 
-_COMMANDS = {"plan": _cmd_plan, "validate": _cmd_validate, "sizes": _cmd_sizes, "tiny-model": _cmd_tiny_model}
+_COMMANDS = {
+    "plan": _cmd_plan,
+    "validate": _cmd_validate,
+    "sizes": _cmd_sizes,
+    "tiny-model": _cmd_tiny_model,
+    "wait-ready": _cmd_wait_ready,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

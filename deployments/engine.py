@@ -186,6 +186,10 @@ class ModelServer:
             raise RuntimeError(f"vLLM engine of {self._model.name} is dead: {self._engine.dead_error!r}")
         await self._engine.check_health()
 
+    def ready(self) -> bool:
+        """A no-op the ingress calls to learn that a replica of this model is up."""
+        return True
+
     def stats(self) -> dict[str, Any]:
         """Live load: the engine's last step stats and the requests this replica has in the engine."""
         return {**asdict(self._stats), "unfinished_requests": self._engine.get_num_unfinished_requests()}

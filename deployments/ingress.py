@@ -7,6 +7,7 @@ the stream with an error event and ``data: [DONE]``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -29,6 +30,8 @@ from deployments.protocol import (
 )
 
 logger = logging.getLogger("kvpilot.ingress")
+
+HEALTH_PROBE_TIMEOUT_S = 2.0  # a replica that cannot answer a no-op this fast is not serving
 
 api = FastAPI(title="kvpilot", description="OpenAI-compatible API over Ray Serve and vLLM")
 
@@ -116,12 +119,24 @@ class Ingress:
 
     def __init__(self, models: dict[str, Any], max_model_len: dict[str, int]):
         self._handles = {name: h.options(stream=True) for name, h in models.items()}
+        self._calls = models  # unary calls: readiness probes
         self._max_model_len = max_model_len
         self._created = int(time.time())
 
     @api.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
+    async def health(self) -> JSONResponse:
+        """200 once every model has a replica that answers; 503 while any is still starting."""
+        states = {}
+        for name, handle in self._calls.items():
+            call = handle.ready.remote()
+            try:
+                await asyncio.wait_for(asyncio.shield(call), timeout=HEALTH_PROBE_TIMEOUT_S)
+                states[name] = "ready"
+            except (asyncio.TimeoutError, Exception):
+                call.cancel()
+                states[name] = "unavailable"
+        ok = all(v == "ready" for v in states.values())
+        return JSONResponse({"status": "ok" if ok else "starting", "models": states}, status_code=200 if ok else 503)
 
     @api.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ def tokenizer():
 
 
 def test_health_and_model_list(client, base_url):
-    assert httpx.get(f"{base_url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{base_url}/health").json() == {"status": "ok", "models": {FP16: "ready", AWQ_TP2: "ready"}}
     ids = sorted(m.id for m in client.models.list().data)
     assert ids == [AWQ_TP2, FP16]
 
