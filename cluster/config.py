@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cluster.hardware import CATALOG, GIB, QUANTIZATIONS, get_accelerator, quantization_support
 from cluster.modelspec import ModelSpec, load_spec
+from cluster.routing import DEFAULT_POLICY, POLICIES, make_policy
 
 APP_IMPORT_PATH = "deployments.app:build_app"
 
@@ -76,6 +77,39 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RoutingConfig(_Strict):
+    """How requests for one model pick a replica.
+
+    Example::
+
+        routing:
+          policy: kvpilot        # or round_robin, pow2, least_kv, prefix_affinity, llmd, dynamo, sglang
+          params: {load_weight: 1.0}
+          stats_period_s: 1.0
+    """
+
+    policy: str = Field(default=DEFAULT_POLICY, description=f"Routing policy: one of {', '.join(POLICIES)}.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword parameters of the policy.")
+    stats_period_s: float = Field(
+        default=1.0, gt=0.0, le=60.0,
+        description="Seconds between each replica's engine-stats reports to the router (Ray's default is 10).",
+    )
+    max_index_blocks: int = Field(
+        default=1_000_000, ge=1_000, le=100_000_000,
+        description="Bound on the router's prefix index, in KV blocks (about 100 bytes each).",
+    )
+
+    @model_validator(mode="after")
+    def _known_policy(self) -> RoutingConfig:
+        if self.policy not in POLICIES:
+            raise FieldError("policy", self.policy, f"is not a routing policy; choose one of {', '.join(POLICIES)}")
+        try:
+            make_policy(self.policy, self.params)
+        except (ValueError, TypeError) as e:
+            raise FieldError("params", self.params, f"refused: {e}") from e
+        return self
 
 
 class ModelConfig(_Strict):
@@ -124,6 +158,7 @@ class ModelConfig(_Strict):
     cpus_per_worker: int = Field(default=1, ge=1, le=64, description="CPUs reserved beside each GPU worker.")
     min_replicas: int = Field(default=1, ge=1, description="Fewest replicas (engines) of this model.")
     max_replicas: int = Field(default=1, ge=1, description="Most replicas (engines) of this model.")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Replica choice for this model.")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra vLLM EngineArgs, passed through as is; names are checked against EngineArgs.",

@@ -44,10 +44,28 @@ def cpu_threads_bind(cfg: ModelConfig) -> str:
     return "|".join(str(i) for i in range(cfg.world_size))
 
 
-def deployment_options(cfg: ModelConfig) -> dict[str, Any]:
-    """Ray Serve ``.options(...)`` for the model's deployment."""
+ROUTER_CLASS = "deployments.router:KVPilotRouter"
+
+
+def deployment_options(cfg: ModelConfig, kv_capacity_tokens: int = 0, block_tokens: int = 16) -> dict[str, Any]:
+    """Ray Serve ``.options(...)`` for the model's deployment.
+
+    ``kv_capacity_tokens`` and ``block_tokens`` come from the model's memory plan: the
+    router sizes its prefix index per replica with them.
+    """
     opts: dict[str, Any] = {
         "name": deployment_name(cfg.name),
+        "request_router_config": {
+            "request_router_class": ROUTER_CLASS,
+            "request_router_kwargs": {
+                "policy": cfg.routing.policy,
+                "params": dict(cfg.routing.params),
+                "kv_capacity_tokens": kv_capacity_tokens,
+                "block_tokens": block_tokens,
+                "max_index_blocks": cfg.routing.max_index_blocks,
+            },
+            "request_routing_stats_period_s": cfg.routing.stats_period_s,
+        },
         # The engine batches up to max_num_seqs; more in flight only queue inside it.
         "max_ongoing_requests": cfg.max_num_seqs,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,

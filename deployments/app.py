@@ -31,17 +31,20 @@ def build_app(args: dict[str, Any]) -> Application:
     except ConfigError as e:
         raise ConfigError([f"kvpilot config: {line}" for line in e.errors]) from None
     console = Console(stderr=True, soft_wrap=True)
+    plans = {m.name: plan_model(m) for m in cfg.models}
     refused = []
     for model in cfg.models:
-        plan = plan_model(model)
+        plan = plans[model.name]
         render_plan(plan, console)
         if not plan.fits:
             refused.append(f"{model.name}: short by {plan.shortfall_bytes / 2**30:.2f} GiB per GPU on {plan.gpu}"
                            + (f"; try {plan.suggestions[0]}" if plan.suggestions else ""))
     if refused:
         raise PlanRefused("kvpilot: refusing to start, the memory plan does not fit:\n  " + "\n  ".join(refused))
-    models = {
-        m.name: serve.deployment(ModelServer).options(**deployment_options(m)).bind(m)
+    handles = {
+        m.name: serve.deployment(ModelServer)
+        .options(**deployment_options(m, plans[m.name].kv_cache_tokens, plans[m.name].block_size))
+        .bind(m)
         for m in cfg.models
     }
-    return Ingress.bind(models, {m.name: m.effective_max_model_len() for m in cfg.models})
+    return Ingress.bind(handles, cfg.models)

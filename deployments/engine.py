@@ -3,11 +3,11 @@
 Undecorated on purpose: ``deployments/app.py`` turns it into a Serve deployment
 with options from ``cluster.placement.deployment_options(model)``.
 
-A replica streams plain dicts to the ingress, one per engine step:
+A replica streams plain dicts to the ingress, one per engine step that produced tokens:
 
-    {"prompt_tokens": 12}                                   first
-    {"choices": [{"index", "text", "num_tokens", "logprobs", "finish_reason"}]}
-    {"error": {"message", "type", "param", "code"}, "status": 400}   instead of the above
+    {"choices": [{"index", "text", "num_tokens", "logprobs", "finish_reason"}], "cached_tokens": 0}
+
+(``cached_tokens``, the prompt tokens vLLM found in its prefix cache, rides on the first.)
 
 Cancelling the stream (the client went away) aborts the engine request, which
 frees its slot in the engine's batch.
@@ -94,19 +94,6 @@ def start_vllm_engine(model: ModelConfig, stats: EngineStats) -> Any:
     )
 
 
-class RequestRejected(ValueError):
-    """A request the engine must not see; becomes a 4xx OpenAI error at the ingress."""
-
-    def __init__(self, message: str, param: str | None, code: str):
-        super().__init__(message)
-        self.param = param
-        self.code = code
-
-    def to_event(self) -> dict[str, Any]:
-        err = {"message": str(self), "type": "invalid_request_error", "param": self.param, "code": self.code}
-        return {"error": err, "status": 400}
-
-
 class ModelServer:
     """One replica of one model: a vLLM engine, its tokenizer, and its live stats."""
 
@@ -115,41 +102,19 @@ class ModelServer:
         self._stats = EngineStats()
         started = time.monotonic()
         self._engine = engine_factory(model, self._stats)
-        self._tokenizer = self._engine.get_tokenizer()
-        self._max_model_len = model.effective_max_model_len()
         logger.info("model %s: engine ready in %.1f s", model.name, time.monotonic() - started)
 
     # --- requests --------------------------------------------------------
 
-    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
-        if req.messages is not None:
-            if getattr(self._tokenizer, "chat_template", None) is None:
-                raise RequestRejected(f"model {self._model.name} has no chat template", "messages", "no_chat_template")
-            text = self._tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
-            return self._tokenizer.encode(text, add_special_tokens=False)
-        if isinstance(req.prompt, str):
-            return self._tokenizer.encode(req.prompt)
-        assert req.prompt is not None
-        vocab = len(self._tokenizer)
-        bad = [t for t in req.prompt if not 0 <= t < vocab]
-        if bad:
-            raise RequestRejected(f"token id {bad[0]} is outside the vocabulary (size {vocab})", "prompt", "invalid_token")
-        return list(req.prompt)
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
+        """Stream one request's outputs (see the module docstring for the events).
 
-    def _sampling_params(self, req: GenerationRequest, n_prompt: int) -> Any:
+        The ingress has tokenized the prompt and checked it against max_model_len.
+        """
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-        room = self._max_model_len - n_prompt
-        if room <= 0 or (req.max_tokens is not None and req.max_tokens > room):
-            asked = f" + max_tokens {req.max_tokens}" if req.max_tokens is not None else ""
-            raise RequestRejected(
-                f"this model's maximum context length is {self._max_model_len} tokens; the prompt has "
-                f"{n_prompt} tokens{asked}",
-                "max_tokens" if room > 0 else "messages" if req.messages is not None else "prompt",
-                "context_length_exceeded",
-            )
         s = req.sampling
-        return SamplingParams(
+        params = SamplingParams(
             n=s["n"],
             temperature=s["temperature"],
             top_p=s["top_p"],
@@ -158,25 +123,21 @@ class ModelServer:
             presence_penalty=s["presence_penalty"],
             frequency_penalty=s["frequency_penalty"],
             ignore_eos=s["ignore_eos"],
-            max_tokens=req.max_tokens if req.max_tokens is not None else room,
+            max_tokens=req.max_tokens,
             logprobs=req.logprobs,
             output_kind=RequestOutputKind.DELTA,
         )
-
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
-        """Stream one request's outputs (see the module docstring for the events)."""
-        try:
-            prompt_ids = self._prompt_ids(req)
-            params = self._sampling_params(req, len(prompt_ids))
-        except RequestRejected as e:
-            yield e.to_event()
-            return
-        yield {"prompt_tokens": len(prompt_ids)}
+        cached_reported = False
         # On cancellation (client gone) vLLM's generate() aborts the request in the engine.
-        async for out in self._engine.generate({"prompt_token_ids": prompt_ids}, params, req.request_id):
+        async for out in self._engine.generate({"prompt_token_ids": req.prompt_token_ids}, params, req.request_id):
             choices = [_choice_delta(c, req.logprobs) for c in out.outputs]
-            if any(c["num_tokens"] or c["finish_reason"] for c in choices):
-                yield {"choices": choices}
+            if not any(c["num_tokens"] or c["finish_reason"] for c in choices):
+                continue
+            event: dict[str, Any] = {"choices": choices}
+            if not cached_reported and out.num_cached_tokens is not None:
+                event["cached_tokens"] = out.num_cached_tokens  # prompt tokens served from the prefix cache
+                cached_reported = True
+            yield event
 
     # --- replica lifecycle and stats -------------------------------------
 

@@ -21,12 +21,14 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.config import ModelConfig
 from deployments.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerationRequest,
-    chat_to_generation,
-    completion_to_generation,
+    logprobs_of,
+    messages_of,
+    sampling_of,
 )
 
 logger = logging.getLogger("kvpilot.ingress")
@@ -112,15 +114,34 @@ def _chat_logprobs(lp: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"content": content}
 
 
+class _Refused(Exception):
+    def __init__(self, response: JSONResponse):
+        self.response = response
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
 @serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(api)
 class Ingress:
     """Routes OpenAI requests to the model deployment their ``model`` names."""
 
-    def __init__(self, models: dict[str, Any], max_model_len: dict[str, int]):
-        self._handles = {name: h.options(stream=True) for name, h in models.items()}
-        self._calls = models  # unary calls: readiness probes
-        self._max_model_len = max_model_len
+    def __init__(self, handles: dict[str, Any], models: list[ModelConfig]):
+        from transformers import AutoTokenizer
+
+        self._handles = {name: h.options(stream=True) for name, h in handles.items()}
+        self._calls = handles  # unary calls: readiness probes
+        self._max_model_len = {m.name: m.effective_max_model_len() for m in models}
+        # Tokenize here, once: the router needs the prompt's blocks and the context limit is
+        # enforced before any replica sees the request.
+        self._tokenizers = {m.name: AutoTokenizer.from_pretrained(m.source) for m in models}
         self._created = int(time.time())
 
     @api.get("/health")
@@ -172,23 +193,30 @@ class Ingress:
         if handle is None:
             return error_response(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        gen_req: GenerationRequest = chat_to_generation(req, request_id) if chat else completion_to_generation(req, request_id)
+        try:
+            prompt_ids, max_tokens = self._tokenize(req, chat)
+        except _Refused as e:
+            return e.response
+        gen_req = GenerationRequest(request_id, prompt_ids, max_tokens, logprobs_of(req), sampling_of(req))
         stream = handle.generate.remote(gen_req)
         try:
             first = await stream.__anext__()
+        except StopAsyncIteration:
+            first = {"choices": []}
         except Exception as e:  # the replica failed before the engine answered
             logger.exception("request %s failed at its replica", request_id)
             return error_response(503, f"model {req.model} is unavailable: {type(e).__name__}", None,
                                   "model_unavailable", "server_error")
-        if "error" in first:
-            return JSONResponse({"error": first["error"]}, status_code=first["status"])
-        prompt_tokens = first["prompt_tokens"]
+        prompt_tokens = len(prompt_ids)
         meta = {"id": request_id, "created": int(time.time()), "model": req.model}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self._stream(stream, meta, req.n, prompt_tokens, chat, include_usage)
+            events = self._stream(first, stream, meta, req.n, prompt_tokens, chat, include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
         acc = _Accumulator(req.n)
+        cached = first.get("cached_tokens", 0)
+        for d in first["choices"]:
+            acc.add(d)
         try:
             async for event in stream:
                 for d in event["choices"]:
@@ -196,8 +224,7 @@ class Ingress:
         except Exception as e:
             logger.exception("request %s failed mid-generation", request_id)
             return error_response(500, f"generation failed: {type(e).__name__}: {e}", None, "engine_error", "server_error")
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": acc.completion_tokens,
-                 "total_tokens": prompt_tokens + acc.completion_tokens}
+        usage = _usage(prompt_tokens, acc.completion_tokens, cached)
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": acc.text[i]},
                         "logprobs": _chat_logprobs(acc.logprobs[i]), "finish_reason": acc.finish[i]}
@@ -207,18 +234,54 @@ class Ingress:
                     "finish_reason": acc.finish[i]} for i in range(req.n)]
         return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": usage})
 
-    async def _stream(self, stream: Any, meta: dict[str, Any], n: int, prompt_tokens: int, chat: bool,
-                      include_usage: bool) -> AsyncIterator[bytes]:
+    def _tokenize(self, req: CompletionRequest | ChatCompletionRequest, chat: bool) -> tuple[list[int], int]:
+        """Prompt token ids and the output budget; refuses what the model's context cannot hold."""
+        tok = self._tokenizers[req.model]
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise _Refused(error_response(400, f"model {req.model} has no chat template", "messages",
+                                              "no_chat_template"))
+            text = tok.apply_chat_template(messages_of(req), tokenize=False, add_generation_prompt=True)
+            ids = tok.encode(text, add_special_tokens=False)
+            asked, param = req.output_limit(), "max_tokens"
+        elif isinstance(req.prompt, str):
+            ids = tok.encode(req.prompt)
+            asked, param = req.max_tokens, "max_tokens"
+        else:
+            vocab = len(tok)
+            bad = [t for t in req.prompt if not 0 <= t < vocab]
+            if bad:
+                raise _Refused(error_response(400, f"token id {bad[0]} is outside the vocabulary (size {vocab})",
+                                              "prompt", "invalid_token"))
+            ids, asked, param = list(req.prompt), req.max_tokens, "max_tokens"
+        limit = self._max_model_len[req.model]
+        room = limit - len(ids)
+        if room <= 0 or (asked is not None and asked > room):
+            more = f" + max_tokens {asked}" if asked is not None else ""
+            raise _Refused(error_response(
+                400, f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} tokens{more}",
+                param if room > 0 else ("messages" if chat else "prompt"), "context_length_exceeded"))
+        return ids, asked if asked is not None else room
+
+    async def _stream(self, first: dict[str, Any], stream: Any, meta: dict[str, Any], n: int, prompt_tokens: int,
+                      chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         completion_tokens = 0
+        cached = first.get("cached_tokens", 0)
         offsets = [0] * n
         finished = False
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            yield first
+            async for event in stream:
+                yield event
+
         try:
             if chat:  # OpenAI opens each choice with the assistant role
                 yield _sse({**meta, "object": obj, "choices": [
                     {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                     for i in range(n)]})
-            async for event in stream:
+            async for event in events():
                 choices = []
                 for d in event["choices"]:
                     completion_tokens += d["num_tokens"]
@@ -230,12 +293,12 @@ class Ingress:
                                         "logprobs": _completion_logprobs(d["logprobs"], offsets[d["index"]]),
                                         "finish_reason": d["finish_reason"]})
                     offsets[d["index"]] += len(d["text"])
-                yield _sse({**meta, "object": obj, "choices": choices})
+                if choices:
+                    yield _sse({**meta, "object": obj, "choices": choices})
             finished = True
             if include_usage:
-                yield _sse({**meta, "object": obj, "choices": [], "usage": {
-                    "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens}})
+                yield _sse({**meta, "object": obj, "choices": [],
+                            "usage": _usage(prompt_tokens, completion_tokens, cached)})
             yield _sse("[DONE]")
         except Exception as e:
             finished = True

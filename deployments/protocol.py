@@ -106,37 +106,20 @@ class ChatCompletionRequest(_OpenAIRequest):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What the ingress sends a model replica: a prompt (text, token ids or chat messages) and sampling."""
+    """What the ingress sends a model replica: the tokenized prompt and how to sample.
+
+    The ingress tokenizes (and renders chat templates), so the router can see
+    the prompt's blocks and the context limit is enforced before any replica.
+    """
 
     request_id: str
-    prompt: str | list[int] | None = None
-    messages: list[dict[str, str]] | None = None
-    max_tokens: int | None = None  # None: whatever the context leaves
+    prompt_token_ids: list[int]
+    max_tokens: int
     logprobs: int | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
 
 
-def completion_to_generation(req: CompletionRequest, request_id: str) -> GenerationRequest:
-    return GenerationRequest(
-        request_id=request_id,
-        prompt=req.prompt,
-        max_tokens=req.max_tokens,
-        logprobs=req.logprobs,
-        sampling=_sampling(req),
-    )
-
-
-def chat_to_generation(req: ChatCompletionRequest, request_id: str) -> GenerationRequest:
-    return GenerationRequest(
-        request_id=request_id,
-        messages=[{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages],
-        max_tokens=req.output_limit(),
-        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        sampling=_sampling(req),
-    )
-
-
-def _sampling(req: _OpenAIRequest) -> dict[str, Any]:
+def sampling_of(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
     return {
         "n": req.n,
         "temperature": req.temperature,
@@ -147,3 +130,13 @@ def _sampling(req: _OpenAIRequest) -> dict[str, Any]:
         "frequency_penalty": req.frequency_penalty,
         "ignore_eos": req.ignore_eos,
     }
+
+
+def logprobs_of(req: CompletionRequest | ChatCompletionRequest) -> int | None:
+    if isinstance(req, ChatCompletionRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.logprobs
+
+
+def messages_of(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]

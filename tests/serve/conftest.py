@@ -26,32 +26,51 @@ def _require_fixtures() -> None:
 
 
 @pytest.fixture(scope="package")
-def cluster():
-    """kvpilot's two-model CPU config (configs/local-cpu-multi.yaml) under `build_app`, as `serve run` does."""
+def serve_instance():
+    """Real Ray (4 logical CPUs on 2 cores) and Ray Serve with its HTTP proxy on a free loopback port."""
     import ray
     from ray import serve
 
-    from cluster.config import read_serve_args
-    from deployments.app import build_app
-
     _require_fixtures()
-    os.chdir(ROOT)  # the config names its fixtures relative to the checkout
-    port = _free_port()
-    # 4 logical CPUs on 2 cores: the TP=2 replica reserves 2, the fp16 replica 1.
+    os.chdir(ROOT)  # the configs name their fixtures relative to the checkout
+    # The TP=2 replica reserves 2 CPUs, each other replica 1: more logical CPUs than cores.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args, _ = read_serve_args(ROOT / "configs/local-cpu-multi.yaml")
-    started = time.monotonic()
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    print(f"kvpilot ready in {time.monotonic() - started:.0f} s on port {port}")
+    for attempt in range(5):  # a free port can be taken between the probe and the proxy's bind
+        port = _free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            break
+        except Exception:
+            serve.shutdown()
+            if attempt == 4:
+                raise
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
 
 
-@pytest.fixture(scope="package")
-def base_url(cluster: str) -> str:
-    return cluster
+def deploy(args: dict, name: str, route_prefix: str = "/") -> None:
+    """Deploy kvpilot's application from config args, as `serve run` does."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    started = time.monotonic()
+    serve.run(build_app(args), name=name, route_prefix=route_prefix)
+    print(f"{name} ready in {time.monotonic() - started:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_instance: str):
+    """kvpilot's two-model CPU config (configs/local-cpu-multi.yaml) under `build_app`."""
+    from ray import serve
+
+    from cluster.config import read_serve_args
+
+    args, _ = read_serve_args(ROOT / "configs/local-cpu-multi.yaml")
+    deploy(args, APP)
+    yield serve_instance
+    serve.delete(APP)
 
 
 @pytest.fixture

@@ -1,0 +1,114 @@
+"""The live router: a Ray Serve ``RequestRouter`` that asks ``cluster.routing`` for every decision.
+
+Selected per model through ``request_router_config`` (see
+``cluster.placement.deployment_options``). It runs in the caller's process (the
+ingress), so it sees every request this ingress sends to the model:
+
+- its ``Ledger`` counts requests and tokens in flight per replica from
+  ``on_request_routed`` to ``on_request_completed``, so a burst between two
+  engine reports is not routed on a stale picture;
+- its ``PrefixIndex`` records which prompt blocks went where, bounded, and
+  forgets a replica the moment Serve reports it dead or gone;
+- engine stats (KV use, running, waiting) come from each replica's
+  ``record_routing_stats()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from cluster.routing import Ledger, PrefixIndex, ReplicaLoad, RoutingRequest, block_hashes, make_policy
+from deployments.protocol import GenerationRequest
+
+
+class KVPilotRouter(RequestRouter):
+    def initialize_state(
+        self,
+        policy: str = "kvpilot",
+        params: dict[str, Any] | None = None,
+        kv_capacity_tokens: int = 0,
+        block_tokens: int = 16,
+        max_index_blocks: int = 1_000_000,
+        seed: int = 0,
+    ) -> None:
+        self._policy = make_policy(policy, params, seed)
+        self._block_tokens = block_tokens
+        self._capacity = kv_capacity_tokens
+        self._index = PrefixIndex(max_index_blocks, block_tokens)
+        self._ledger = Ledger()
+        self._inflight: dict[str, tuple[str, int]] = {}  # internal request id → (replica, tokens)
+        self._pending: dict[str, RoutingRequest] = {}  # routing facts of requests being placed
+
+    def _routing_request(self, pending: PendingRequest) -> RoutingRequest:
+        rid = pending.metadata.internal_request_id
+        req = self._pending.get(rid)
+        if req is None:
+            gen = next((a for a in pending.args if isinstance(a, GenerationRequest)), None)
+            ids = gen.prompt_token_ids if gen is not None else []
+            hashes = block_hashes(ids, self._block_tokens) if self._policy.uses_prefix else ()
+            req = RoutingRequest(len(ids), (gen.max_tokens or 0) if gen is not None else 0, hashes)
+            self._pending[rid] = req
+        return req
+
+    def _load(self, replica: RunningReplica, req: RoutingRequest) -> ReplicaLoad:
+        uid = replica.replica_id.unique_id
+        stats = replica.routing_stats or {}
+        return ReplicaLoad(
+            replica_id=uid,
+            requests_in_flight=self._ledger.requests.get(uid, 0),
+            tokens_in_flight=self._ledger.tokens.get(uid, 0),
+            kv_cache_usage=float(stats.get("kv_cache_usage", 0.0)),
+            num_running=int(stats.get("num_running", 0)),
+            num_waiting=int(stats.get("num_waiting", 0)),
+            kv_capacity_tokens=self._capacity,
+            cached_blocks=self._index.match(uid, req.block_hashes) if req.block_hashes else 0,
+            index_blocks=self._index.size(uid),
+        )
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        if pending_request is None or len(candidate_replicas) <= 1:
+            return [candidate_replicas]
+        req = self._routing_request(pending_request)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        ranked = self._policy.rank(req, [self._load(r, req) for r in candidate_replicas])
+        return [[by_id[uid]] for uid in ranked]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        rid = pending_request.metadata.internal_request_id
+        req = self._routing_request(pending_request)
+        del self._pending[rid]
+        uid = replica_id.unique_id
+        tokens = req.prompt_tokens + req.max_tokens
+        self._ledger.sent(uid, tokens)
+        self._inflight[rid] = (uid, tokens)
+        if req.block_hashes:
+            self._index.insert(uid, req.block_hashes)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._pending.pop(internal_request_id, None)
+        entry = self._inflight.pop(internal_request_id, None)
+        if entry is not None:
+            self._ledger.finished(*entry)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        live = {r.replica_id.unique_id for r in replicas}
+        for uid in set(self._index.replicas()) - live:
+            self._forget(uid)
+        if self._capacity:
+            for uid in live:
+                self._index.set_capacity(uid, self._capacity // self._block_tokens)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._forget(replica_id.unique_id)
+
+    def _forget(self, uid: str) -> None:
+        self._index.remove_replica(uid)
+        self._ledger.forget(uid)
+        for rid in [rid for rid, (u, _) in self._inflight.items() if u == uid]:
+            del self._inflight[rid]
