@@ -1,0 +1,119 @@
+"""Every metric kvpilot exports, defined once.
+
+Names follow Prometheus conventions (base units, ``_seconds``, ``_bytes``,
+``_ratio``, counters end in ``_total``). The components record them through
+Ray's metrics API (``ray.util.metrics``), which every Ray node serves on its
+metrics export port (8080 in the chart, ``ray start --metrics-export-port``);
+Ray prepends ``ray_`` to each name, so Prometheus sees ``ray_kvpilot_...``.
+``exported_name`` gives that name; dashboards and tests use it.
+
+Labels: ``model`` (served model name), ``replica`` (Serve replica id),
+``gpu`` (NVML index), ``policy`` (routing policy), ``code`` (HTTP status),
+``kind`` (error kind), ``reason`` (autoscaling decision reason).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+RAY_PREFIX = "ray_"
+
+# Latency buckets, seconds: sub-10 ms ITL on small models up to minutes of queueing.
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    kind: Literal["counter", "gauge", "histogram"]
+    description: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] | None = None
+
+
+def exported_name(m: Metric, series: str = "") -> str:
+    """The name Prometheus stores: Ray's prefix, plus ``_bucket``/``_sum``/``_count`` for histograms."""
+    return RAY_PREFIX + m.name + series
+
+
+_ENGINE = ("model", "replica")
+
+# --- engine (per replica), recorded by the replica's vLLM stat logger ------
+ENGINE_KV_CACHE_USAGE = Metric("kvpilot_engine_kv_cache_usage_ratio", "gauge", "Fraction of KV cache blocks in use.", _ENGINE)
+ENGINE_RUNNING = Metric("kvpilot_engine_requests_running", "gauge", "Requests in the engine's running batch.", _ENGINE)
+ENGINE_WAITING = Metric("kvpilot_engine_requests_waiting", "gauge", "Requests waiting in the engine's queue.", _ENGINE)
+ENGINE_PREEMPTIONS = Metric("kvpilot_engine_preemptions_total", "counter", "Requests preempted (KV cache full).", _ENGINE)
+ENGINE_PREFIX_QUERIES = Metric(
+    "kvpilot_engine_prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.", _ENGINE
+)
+ENGINE_PREFIX_HITS = Metric(
+    "kvpilot_engine_prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.", _ENGINE
+)
+ENGINE_PROMPT_TOKENS = Metric("kvpilot_engine_prompt_tokens_total", "counter", "Prompt tokens processed.", _ENGINE)
+ENGINE_GENERATION_TOKENS = Metric("kvpilot_engine_generation_tokens_total", "counter", "Tokens generated.", _ENGINE)
+ENGINE_REQUESTS_FINISHED = Metric(
+    "kvpilot_engine_requests_finished_total", "counter", "Requests the engine finished, by finish reason.",
+    (*_ENGINE, "reason"),
+)
+ENGINE_TTFT = Metric(
+    "kvpilot_engine_time_to_first_token_seconds", "histogram", "Time from arrival to first token.", _ENGINE,
+    LATENCY_BUCKETS_S,
+)
+ENGINE_ITL = Metric(
+    "kvpilot_engine_inter_token_latency_seconds", "histogram", "Time between consecutive output tokens.", _ENGINE,
+    LATENCY_BUCKETS_S,
+)
+ENGINE_E2E = Metric(
+    "kvpilot_engine_e2e_request_latency_seconds", "histogram", "Time from arrival to the last token.", _ENGINE,
+    LATENCY_BUCKETS_S,
+)
+
+# --- GPU memory (per GPU of a replica), from NVML; absent on machines without GPUs --
+_GPU = ("model", "replica", "gpu")
+GPU_MEMORY_USED = Metric("kvpilot_gpu_memory_used_bytes", "gauge", "GPU memory in use (NVML).", _GPU)
+GPU_MEMORY_TOTAL = Metric("kvpilot_gpu_memory_total_bytes", "gauge", "GPU memory in total (NVML).", _GPU)
+GPU_KV_CACHE_BYTES = Metric(
+    "kvpilot_gpu_kv_cache_used_bytes", "gauge", "KV cache bytes in use on the GPU (usage × planned KV bytes).", _GPU
+)
+
+# --- router (in the ingress process) -----------------------------------------
+ROUTER_DECISIONS = Metric(
+    "kvpilot_router_decisions_total", "counter", "Requests routed, by policy and chosen replica.",
+    ("model", "policy", "replica"),
+)
+ROUTER_PREFIX_MATCH = Metric(
+    "kvpilot_router_prefix_match_ratio", "histogram", "Share of the prompt's blocks cached on the chosen replica "
+    "(router's index).", ("model", "policy"), RATIO_BUCKETS,
+)
+ROUTER_DECISION_SECONDS = Metric(
+    "kvpilot_router_decision_seconds", "histogram", "Time to rank the replicas for one request.", ("model", "policy"),
+    (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3),
+)
+ROUTER_TOKENS_IN_FLIGHT = Metric(
+    "kvpilot_router_tokens_in_flight", "gauge", "Prompt + decode-budget tokens the router has outstanding per replica.",
+    ("model", "replica"),
+)
+
+# --- ingress ---------------------------------------------------------------------
+INGRESS_REQUESTS = Metric(
+    "kvpilot_ingress_requests_total", "counter", "HTTP requests answered, by model and status code.", ("model", "code")
+)
+INGRESS_ERRORS = Metric(
+    "kvpilot_ingress_errors_total", "counter", "Requests refused or failed, by error code.", ("model", "kind")
+)
+
+# --- autoscaler (in the Serve controller) ---------------------------------------
+_SCALE = ("model",)
+AUTOSCALER_CURRENT = Metric("kvpilot_autoscaler_current_replicas", "gauge", "Replicas running.", _SCALE)
+AUTOSCALER_DESIRED = Metric("kvpilot_autoscaler_desired_replicas", "gauge", "Replicas the policy asks for.", _SCALE)
+AUTOSCALER_KV_DEMAND = Metric(
+    "kvpilot_autoscaler_kv_demand_ratio", "gauge",
+    "Predicted KV tokens needed over the KV capacity of the current replicas.", _SCALE,
+)
+AUTOSCALER_DECISIONS = Metric(
+    "kvpilot_autoscaler_decisions_total", "counter", "Scaling decisions, by reason.", (*_SCALE, "reason")
+)
+
+ALL: tuple[Metric, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Metric))
