@@ -9,9 +9,9 @@ QUANTS := none awq gptq
 
 export KVPILOT_FIXTURES_DIR := $(CURDIR)/$(FIXTURES)
 
-.PHONY: setup fixtures test test-unit serve clean
+.PHONY: setup fixtures prometheus test test-unit serve clean
 
-setup: $(STAMP) fixtures
+setup: $(STAMP) fixtures prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ fixtures: $(foreach q,$(QUANTS),$(FIXTURES)/tiny-$(q)/config.json)
 
 $(FIXTURES)/tiny-%/config.json: $(STAMP) cluster/tinymodel.py
 	$(BIN)/kvpilot tiny-model $(FIXTURES)/tiny-$* --quantization $*
+
+# The dashboard test runs a real Prometheus (Debian's package); installed where apt-get can (CI runs as root).
+prometheus:
+	@command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null \
+	    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null; }; \
+	  else echo "prometheus not installed (needs root and apt-get): the dashboard test will skip"; fi; }
 
 test: setup
 	$(BIN)/pytest -q tests

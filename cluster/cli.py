@@ -163,6 +163,14 @@ def _cmd_wait_ready(ns: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _cmd_dashboards(ns: argparse.Namespace, console: Console) -> int:
+    from cluster.dashboards import write_dashboards
+
+    for path in write_dashboards(ns.out):
+        console.print(f"wrote {path}", highlight=False)
+    return EXIT_OK
+
+
 def _alive(pid: int) -> bool:
     import os
 
@@ -202,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--quantization", choices=["none", "awq", "gptq"], default="none")
     tiny.add_argument("--seed", type=int, default=0)
 
+    dash = sub.add_parser("dashboards", help="write the Grafana dashboards (JSON) generated from the metric names")
+    dash.add_argument("out", nargs="?", default="helm/kvpilot/dashboards")
+
     ready = sub.add_parser("wait-ready", help="wait until an endpoint serves its models, then print how to call it")
     ready.add_argument("url", nargs="?", default="http://127.0.0.1:8000")
     ready.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
@@ -215,6 +226,7 @@ _COMMANDS = {
     "sizes": _cmd_sizes,
     "tiny-model": _cmd_tiny_model,
     "wait-ready": _cmd_wait_ready,
+    "dashboards": _cmd_dashboards,
 }
 
 

@@ -112,6 +112,125 @@ class RoutingConfig(_Strict):
         return self
 
 
+class AutoscalingConfig(_Strict):
+    """KV-memory autoscaling of one model between ``min_replicas`` and ``max_replicas``.
+
+    Example::
+
+        min_replicas: 0
+        max_replicas: 4
+        autoscaling:
+          target_kv_usage: 0.7
+          downscale_delay_s: 300
+          startup_s: 180        # how long a new replica takes to serve (a 70B model: minutes)
+    """
+
+    target_kv_usage: float = Field(
+        default=0.7, gt=0.05, lt=1.0, description="KV-cache usage per replica the policy sizes for."
+    )
+    high_kv_usage: float = Field(
+        default=0.9, gt=0.05, le=1.0, description="KV usage that counts as pressure (scale up if sustained)."
+    )
+    upscale_sustained_s: float = Field(
+        default=10.0, ge=0.0, le=3600.0, description="Seconds of pressure before adding a replica."
+    )
+    downscale_delay_s: float = Field(
+        default=300.0, ge=0.0, le=86400.0, description="Seconds demand must stay low before removing a replica."
+    )
+    startup_s: float = Field(
+        default=120.0, ge=0.0, le=3600.0,
+        description="Seconds a new replica takes to serve: demand is predicted this far ahead.",
+    )
+    trend_window_s: float = Field(
+        default=60.0, gt=0.0, le=3600.0, description="Seconds of history the demand growth rate is fitted over."
+    )
+    idle_to_zero_s: float = Field(
+        default=600.0, gt=0.0, le=86400.0, description="Seconds without traffic before scaling to zero (min_replicas 0)."
+    )
+    metrics_interval_s: float = Field(
+        default=2.0, gt=0.0, le=60.0, description="Seconds between replica reports and policy runs."
+    )
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> AutoscalingConfig:
+        if self.high_kv_usage <= self.target_kv_usage:
+            raise FieldError("high_kv_usage", self.high_kv_usage, f"must exceed target_kv_usage {self.target_kv_usage}")
+        return self
+
+
+class ModelLimits(_Strict):
+    """Per-model bounds the ingress enforces before the engine sees a request (400 or 503).
+
+    Example::
+
+        limits:
+          max_prompt_tokens: 3072      # longer prompts get 400 prompt_too_long
+          max_tokens: 1024             # larger max_tokens gets 400; the default when a request omits it
+          max_queued_requests: 256     # in flight at the ingress for this model; beyond: 503 + Retry-After
+    """
+
+    max_prompt_tokens: int | None = Field(
+        default=None, ge=1, le=10_000_000,
+        description="Most prompt tokens a request may carry; default: bounded only by max_model_len.",
+    )
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=10_000_000,
+        description="Most output tokens a request may ask for (per choice); also the default when it asks none.",
+    )
+    max_queued_requests: int | None = Field(
+        default=None, ge=1, le=1_000_000,
+        description="Requests in flight at the ingress for this model beyond which new ones get 503; "
+        "default: 4 × max_num_seqs × max_replicas.",
+    )
+
+
+class IngressConfig(_Strict):
+    """The OpenAI endpoint's front door: API keys, per-key rate limits, body size, retries.
+
+    Example::
+
+        ingress:
+          auth: required                        # auto: on when any key is configured; off: never
+          api_keys_file: /etc/kvpilot/api-keys  # one key per line (a mounted Kubernetes Secret)
+          requests_per_minute: 600              # per key
+          tokens_per_minute: 200000             # per key: prompt + n × max_tokens, unused output refunded
+          max_body_bytes: 4194304
+          replica_retries: 2
+
+    Keys also come from the ``KVPILOT_API_KEYS`` environment variable (comma-separated), which
+    the Helm chart sets from its Secret. Keys are never written in this config.
+    """
+
+    auth: Literal["auto", "required", "off"] = Field(
+        default="auto",
+        description="auto: check keys when any is configured; required: refuse to start without keys; off: never.",
+    )
+    api_keys_file: str | None = Field(
+        default=None, min_length=1,
+        description="File of API keys (one per line or comma-separated, # comments), read by the ingress at start.",
+    )
+    requests_per_minute: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Requests per minute per API key (token bucket); none: unlimited."
+    )
+    tokens_per_minute: int | None = Field(
+        default=None, ge=1, le=10_000_000_000,
+        description="Tokens per minute per API key, prompt + n × max_tokens charged up front; none: unlimited.",
+    )
+    max_body_bytes: int = Field(
+        default=4 * 2**20, ge=1024, le=256 * 2**20, description="Largest request body in bytes; larger gets 413."
+    )
+    replica_retries: int = Field(
+        default=2, ge=0, le=5,
+        description="Times a request is resubmitted to another replica when its replica dies before the first token.",
+    )
+
+    @model_validator(mode="after")
+    def _keys_with_auth(self) -> IngressConfig:
+        if self.auth == "off" and self.api_keys_file is not None:
+            raise FieldError("api_keys_file", self.api_keys_file, "is set but auth is off; remove one of them")
+        return self
+
+
 class ModelConfig(_Strict):
     """One served model: its checkpoint, quantization, parallelism and memory settings."""
 
@@ -156,9 +275,14 @@ class ModelConfig(_Strict):
         description="How a replica's GPU bundles spread over nodes; STRICT_PACK keeps a replica on one node.",
     )
     cpus_per_worker: int = Field(default=1, ge=1, le=64, description="CPUs reserved beside each GPU worker.")
-    min_replicas: int = Field(default=1, ge=1, description="Fewest replicas (engines) of this model.")
-    max_replicas: int = Field(default=1, ge=1, description="Most replicas (engines) of this model.")
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas (engines) of this model; 0 scales to zero.")
+    max_replicas: int = Field(default=1, ge=1, le=1000, description="Most replicas (engines) of this model.")
+    autoscaling: AutoscalingConfig = Field(
+        default_factory=AutoscalingConfig,
+        description="KV-memory autoscaling between min_replicas and max_replicas (used when they differ).",
+    )
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Replica choice for this model.")
+    limits: ModelLimits = Field(default_factory=ModelLimits, description="Bounds the ingress enforces per request.")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra vLLM EngineArgs, passed through as is; names are checked against EngineArgs.",
@@ -230,6 +354,8 @@ class ModelConfig(_Strict):
     def _cross_checks(self) -> ModelConfig:
         if self.min_replicas > self.max_replicas:
             raise FieldError("max_replicas", self.max_replicas, f"is below min_replicas {self.min_replicas}")
+        if "autoscaling" in self.model_fields_set and self.min_replicas == self.max_replicas:
+            raise FieldError("autoscaling", "set", f"has no effect with min_replicas = max_replicas = {self.max_replicas}")
         accel = get_accelerator(self.accelerator)
         if accel.is_gpu and "cpu_kv_cache_space_gib" in self.model_fields_set:
             raise FieldError(
@@ -367,6 +493,7 @@ class ClusterConfig(_Strict):
     """kvpilot's application arguments: the models it serves."""
 
     models: list[ModelConfig] = Field(min_length=1, description="The served models; request `model` picks one.")
+    ingress: IngressConfig = Field(default_factory=IngressConfig, description="API keys, rate limits, body size.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> ClusterConfig:

@@ -45,6 +45,7 @@ def cpu_threads_bind(cfg: ModelConfig) -> str:
 
 
 ROUTER_CLASS = "deployments.router:KVPilotRouter"
+AUTOSCALER_CLASS = "deployments.autoscaling:KVPilotAutoscaler"
 
 
 def deployment_options(cfg: ModelConfig, kv_capacity_tokens: int = 0, block_tokens: int = 16) -> dict[str, Any]:
@@ -58,6 +59,7 @@ def deployment_options(cfg: ModelConfig, kv_capacity_tokens: int = 0, block_toke
         "request_router_config": {
             "request_router_class": ROUTER_CLASS,
             "request_router_kwargs": {
+                "model": cfg.name,
                 "policy": cfg.routing.policy,
                 "params": dict(cfg.routing.params),
                 "kv_capacity_tokens": kv_capacity_tokens,
@@ -75,10 +77,25 @@ def deployment_options(cfg: ModelConfig, kv_capacity_tokens: int = 0, block_toke
     if cfg.min_replicas == cfg.max_replicas:
         opts["num_replicas"] = cfg.min_replicas
     else:
+        a = cfg.autoscaling
         opts["autoscaling_config"] = {
             "min_replicas": cfg.min_replicas,
             "max_replicas": cfg.max_replicas,
-            "target_ongoing_requests": max(1, cfg.max_num_seqs // 2),
+            "metrics_interval_s": a.metrics_interval_s,
+            "look_back_period_s": 2 * a.metrics_interval_s,
+            # kvpilot's policy keeps its own delays; Serve's would stack on top of them.
+            "upscale_delay_s": 0.0,
+            "downscale_delay_s": 0.0,
+            "policy": {
+                "policy_function": AUTOSCALER_CLASS,
+                "policy_kwargs": {
+                    "model": cfg.name,
+                    "config": a.model_dump(),
+                    "kv_capacity_tokens": kv_capacity_tokens,
+                    "min_replicas": cfg.min_replicas,
+                    "max_replicas": cfg.max_replicas,
+                },
+            },
         }
     if get_accelerator(cfg.accelerator).is_gpu:
         opts["ray_actor_options"] = {"num_cpus": REPLICA_ACTOR_CPUS, "num_gpus": 0}

@@ -44,7 +44,7 @@ def build_app(args: dict[str, Any]) -> Application:
     handles = {
         m.name: serve.deployment(ModelServer)
         .options(**deployment_options(m, plans[m.name].kv_cache_tokens, plans[m.name].block_size))
-        .bind(m)
+        .bind(m, plans[m.name].per_gpu.kv_cache_bytes)
         for m in cfg.models
     }
-    return Ingress.bind(handles, cfg.models)
+    return Ingress.bind(handles, cfg.models, cfg.ingress)

@@ -16,13 +16,17 @@ frees its slot in the engine's batch.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from cluster import metrics as M
 from cluster.config import ModelConfig
+from deployments.gpu import GpuMemoryProbe
 from deployments.protocol import GenerationRequest
+from deployments.telemetry import Recorder
 
 logger = logging.getLogger("kvpilot.engine")
 
@@ -36,11 +40,51 @@ class EngineStats:
     num_waiting: int = 0
     prefix_cache_queries: int = 0  # tokens looked up, cumulative
     prefix_cache_hits: int = 0  # tokens found, cumulative
-    generation_tokens: int = 0  # tokens generated, cumulative
+    prompt_tokens: int = 0  # cumulative
+    generation_tokens: int = 0  # cumulative
+    preemptions: int = 0  # cumulative
     updated_at: float = 0.0
 
+    def update(self, scheduler_stats: Any, iteration_stats: Any, rec: Recorder | None) -> None:
+        if iteration_stats is not None:
+            self.prompt_tokens += iteration_stats.num_prompt_tokens
+            self.generation_tokens += iteration_stats.num_generation_tokens
+            self.preemptions += iteration_stats.num_preempted_reqs
+            if rec is not None:
+                _export_iteration(rec, iteration_stats)
+        if scheduler_stats is None:
+            return
+        self.kv_cache_usage = scheduler_stats.kv_cache_usage
+        self.num_running = scheduler_stats.num_running_reqs
+        self.num_waiting = scheduler_stats.num_waiting_reqs
+        pcs = scheduler_stats.prefix_cache_stats
+        if pcs is not None:
+            self.prefix_cache_queries += pcs.queries
+            self.prefix_cache_hits += pcs.hits
+            if rec is not None:
+                rec.inc(M.ENGINE_PREFIX_QUERIES, pcs.queries)
+                rec.inc(M.ENGINE_PREFIX_HITS, pcs.hits)
+        self.updated_at = time.time()
+        if rec is not None:
+            rec.set(M.ENGINE_KV_CACHE_USAGE, self.kv_cache_usage)
+            rec.set(M.ENGINE_RUNNING, self.num_running)
+            rec.set(M.ENGINE_WAITING, self.num_waiting)
 
-def _stat_logger_factory(stats: EngineStats) -> Callable[..., Any]:
+
+def _export_iteration(rec: Recorder, it: Any) -> None:
+    rec.inc(M.ENGINE_PROMPT_TOKENS, it.num_prompt_tokens)
+    rec.inc(M.ENGINE_GENERATION_TOKENS, it.num_generation_tokens)
+    rec.inc(M.ENGINE_PREEMPTIONS, it.num_preempted_reqs)
+    for v in it.time_to_first_tokens_iter:
+        rec.observe(M.ENGINE_TTFT, v)
+    for v in it.inter_token_latencies_iter:
+        rec.observe(M.ENGINE_ITL, v)
+    for f in it.finished_requests:
+        rec.observe(M.ENGINE_E2E, f.e2e_latency)
+        rec.inc(M.ENGINE_REQUESTS_FINISHED, 1, reason=str(f.finish_reason))
+
+
+def _stat_logger_factory(stats: EngineStats, rec: Recorder | None) -> Callable[..., Any]:
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class _ReplicaStatLogger(StatLoggerBase):
@@ -48,18 +92,7 @@ def _stat_logger_factory(stats: EngineStats) -> Callable[..., Any]:
             pass
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):  # noqa: ANN001
-            if iteration_stats is not None:
-                stats.generation_tokens += iteration_stats.num_generation_tokens
-            if scheduler_stats is None:
-                return
-            stats.kv_cache_usage = scheduler_stats.kv_cache_usage
-            stats.num_running = scheduler_stats.num_running_reqs
-            stats.num_waiting = scheduler_stats.num_waiting_reqs
-            pcs = scheduler_stats.prefix_cache_stats
-            if pcs is not None:
-                stats.prefix_cache_queries += pcs.queries
-                stats.prefix_cache_hits += pcs.hits
-            stats.updated_at = time.time()
+            stats.update(scheduler_stats, iteration_stats, rec)
 
         def log_engine_initialized(self) -> None:
             pass
@@ -67,7 +100,7 @@ def _stat_logger_factory(stats: EngineStats) -> Callable[..., Any]:
     return _ReplicaStatLogger
 
 
-def start_vllm_engine(model: ModelConfig, stats: EngineStats) -> Any:
+def start_vllm_engine(model: ModelConfig, stats: EngineStats, rec: Recorder | None = None) -> Any:
     """Build the replica's AsyncLLM from the config; on GPUs, inside this replica's placement group."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
@@ -90,18 +123,30 @@ def start_vllm_engine(model: ModelConfig, stats: EngineStats) -> Any:
         log_stats=True,
         log_requests=False,
         usage_context=UsageContext.OPENAI_API_SERVER,
-        stat_loggers=[_stat_logger_factory(stats)],
+        stat_loggers=[_stat_logger_factory(stats, rec)],
     )
 
 
 class ModelServer:
-    """One replica of one model: a vLLM engine, its tokenizer, and its live stats."""
+    """One replica of one model: a vLLM engine, its live stats and its metrics."""
 
-    def __init__(self, model: ModelConfig, engine_factory: Callable[[ModelConfig, EngineStats], Any] = start_vllm_engine):
+    def __init__(
+        self,
+        model: ModelConfig,
+        planned_kv_bytes_per_gpu: int = 0,
+        engine_factory: Callable[..., Any] = start_vllm_engine,
+    ):
+        from ray import serve
+
         self._model = model
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._rec = Recorder(model=model.name, replica=self._replica)
         self._stats = EngineStats()
+        self._gpu = GpuMemoryProbe(enabled=not model.on_cpu)
+        self._planned_kv_bytes = planned_kv_bytes_per_gpu
+        self._last_rate_sample = (time.monotonic(), 0)
         started = time.monotonic()
-        self._engine = engine_factory(model, self._stats)
+        self._engine = engine_factory(model, self._stats, self._rec)
         logger.info("model %s: engine ready in %.1f s", model.name, time.monotonic() - started)
 
     # --- requests --------------------------------------------------------
@@ -127,17 +172,27 @@ class ModelServer:
             logprobs=req.logprobs,
             output_kind=RequestOutputKind.DELTA,
         )
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         cached_reported = False
-        # On cancellation (client gone) vLLM's generate() aborts the request in the engine.
-        async for out in self._engine.generate({"prompt_token_ids": req.prompt_token_ids}, params, req.request_id):
-            choices = [_choice_delta(c, req.logprobs) for c in out.outputs]
-            if not any(c["num_tokens"] or c["finish_reason"] for c in choices):
-                continue
-            event: dict[str, Any] = {"choices": choices}
-            if not cached_reported and out.num_cached_tokens is not None:
-                event["cached_tokens"] = out.num_cached_tokens  # prompt tokens served from the prefix cache
-                cached_reported = True
-            yield event
+        try:
+            # On cancellation (client gone) vLLM's generate() aborts the request in the engine.
+            async for out in self._engine.generate({"prompt_token_ids": req.prompt_token_ids}, params, req.request_id):
+                choices = [_choice_delta(c, req.logprobs) for c in out.outputs]
+                if not any(c["num_tokens"] or c["finish_reason"] for c in choices):
+                    continue
+                event: dict[str, Any] = {"choices": choices}
+                if not cached_reported and out.num_cached_tokens is not None:
+                    event["cached_tokens"] = out.num_cached_tokens  # prompt tokens served from the prefix cache
+                    cached_reported = True
+                yield event
+        except EngineDeadError:
+            # A dead engine does not come back. Left alive, this replica fails every request fast,
+            # so it looks least loaded and the router keeps choosing it until the next health
+            # check. Ending the process makes callers see the replica die at once: the ingress
+            # resubmits requests that had no token yet elsewhere, and Serve starts a replacement.
+            logger.error("model %s: the vLLM engine died; ending this replica so Serve replaces it", self._model.name)
+            os._exit(1)
 
     # --- replica lifecycle and stats -------------------------------------
 
@@ -153,10 +208,46 @@ class ModelServer:
 
     def stats(self) -> dict[str, Any]:
         """Live load: the engine's last step stats and the requests this replica has in the engine."""
-        return {**asdict(self._stats), "unfinished_requests": self._engine.get_num_unfinished_requests()}
+        unfinished = self._engine.get_num_unfinished_requests()
+        out = {**asdict(self._stats), "unfinished_requests": unfinished}
+        if unfinished == 0:
+            # An idle engine takes no more steps, so its last step's gauges would linger:
+            # with nothing in flight, nothing runs or waits and every KV block is free (cached or not).
+            out.update(kv_cache_usage=0.0, num_running=0, num_waiting=0)
+        return out
 
     def record_routing_stats(self) -> dict[str, Any]:
-        return self.stats()
+        """Serve calls this every ``routing.stats_period_s``; it also refreshes the gauges of an idle engine."""
+        live = self.stats()
+        self._rec.set(M.ENGINE_KV_CACHE_USAGE, live["kv_cache_usage"])
+        self._rec.set(M.ENGINE_RUNNING, live["num_running"])
+        self._rec.set(M.ENGINE_WAITING, live["num_waiting"])
+        return live
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Signals for kvpilot's autoscaling policy (cluster/autoscaling.py), every few seconds."""
+        now, tokens = time.monotonic(), self._stats.prompt_tokens + self._stats.generation_tokens
+        then, before = self._last_rate_sample
+        self._last_rate_sample = (now, tokens)
+        live = self.stats()
+        out = {
+            "kv_cache_usage": float(live["kv_cache_usage"]),
+            "num_running": float(live["num_running"]),
+            "num_waiting": float(live["num_waiting"]),
+            "token_rate": (tokens - before) / (now - then) if now > then else 0.0,
+        }
+        gpus = self._export_gpu_memory()
+        if gpus:
+            out["gpu_memory_used_ratio"] = max(used / total for _, used, total in gpus)
+        return out
+
+    def _export_gpu_memory(self) -> list[tuple[int, int, int]]:
+        gpus = self._gpu.sample()
+        for index, used, total in gpus:
+            self._rec.set(M.GPU_MEMORY_USED, used, gpu=str(index))
+            self._rec.set(M.GPU_MEMORY_TOTAL, total, gpu=str(index))
+            self._rec.set(M.GPU_KV_CACHE_BYTES, self._stats.kv_cache_usage * self._planned_kv_bytes, gpu=str(index))
+        return gpus
 
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)

@@ -140,3 +140,16 @@ def logprobs_of(req: CompletionRequest | ChatCompletionRequest) -> int | None:
 
 def messages_of(req: ChatCompletionRequest) -> list[dict[str, str]]:
     return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error object: every 4xx/5xx the ingress answers has this body."""
+
+    error: ErrorDetail

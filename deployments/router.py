@@ -15,17 +15,21 @@ ingress), so it sees every request this ingress sends to the model:
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from cluster import metrics as M
 from cluster.routing import Ledger, PrefixIndex, ReplicaLoad, RoutingRequest, block_hashes, make_policy
 from deployments.protocol import GenerationRequest
+from deployments.telemetry import Recorder
 
 
 class KVPilotRouter(RequestRouter):
     def initialize_state(
         self,
+        model: str = "",
         policy: str = "kvpilot",
         params: dict[str, Any] | None = None,
         kv_capacity_tokens: int = 0,
@@ -34,6 +38,8 @@ class KVPilotRouter(RequestRouter):
         seed: int = 0,
     ) -> None:
         self._policy = make_policy(policy, params, seed)
+        self._policy_name = policy
+        self._rec = Recorder(model=model, policy=policy)
         self._block_tokens = block_tokens
         self._capacity = kv_capacity_tokens
         self._index = PrefixIndex(max_index_blocks, block_tokens)
@@ -72,9 +78,11 @@ class KVPilotRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         if pending_request is None or len(candidate_replicas) <= 1:
             return [candidate_replicas]
+        started = time.perf_counter()
         req = self._routing_request(pending_request)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         ranked = self._policy.rank(req, [self._load(r, req) for r in candidate_replicas])
+        self._rec.observe(M.ROUTER_DECISION_SECONDS, time.perf_counter() - started)
         return [[by_id[uid]] for uid in ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
@@ -86,13 +94,18 @@ class KVPilotRouter(RequestRouter):
         self._ledger.sent(uid, tokens)
         self._inflight[rid] = (uid, tokens)
         if req.block_hashes:
+            matched = self._index.match(uid, req.block_hashes)
+            self._rec.observe(M.ROUTER_PREFIX_MATCH, matched / len(req.block_hashes))
             self._index.insert(uid, req.block_hashes)
+        self._rec.inc(M.ROUTER_DECISIONS, 1, replica=uid)
+        self._rec.set(M.ROUTER_TOKENS_IN_FLIGHT, self._ledger.tokens[uid], replica=uid)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._pending.pop(internal_request_id, None)
         entry = self._inflight.pop(internal_request_id, None)
         if entry is not None:
             self._ledger.finished(*entry)
+            self._rec.set(M.ROUTER_TOKENS_IN_FLIGHT, self._ledger.tokens.get(entry[0], 0), replica=entry[0])
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)

@@ -34,7 +34,10 @@ def serve_instance():
     _require_fixtures()
     os.chdir(ROOT)  # the configs name their fixtures relative to the checkout
     # The TP=2 replica reserves 2 CPUs, each other replica 1: more logical CPUs than cores.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # Ray serves every process's metrics (kvpilot's included) on this port, for Prometheus.
+    metrics_port = _free_port()
+    os.environ["KVPILOT_TEST_METRICS_PORT"] = str(metrics_port)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     for attempt in range(5):  # a free port can be taken between the probe and the proxy's bind
         port = _free_port()
         try:

@@ -1,0 +1,139 @@
+"""A local kvpilot stack for the hardening scripts (fault_kill, soak, fuzz_long): its own Ray.
+
+``ray.init(address="local")`` always starts a new Ray instance, so a script never attaches to
+(or stops) a cluster someone else started on the machine. The stack's processes (GCS, raylet,
+Serve controller, proxy, ingress, replicas, vLLM engine cores, Ray's agents) are this process's
+Ray node's and their descendants.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model(name: str = "tiny", replicas: int = 1, **overrides: Any) -> dict[str, Any]:
+    """The fp16 tiny fixture on the CPU engine (``make setup`` builds it)."""
+    return {"name": name, "source": str(ROOT / ".fixtures/tiny-none"), "dtype": "float16", "accelerator": "cpu",
+            "cpu_kv_cache_space_gib": 0.5, "max_model_len": 1024, "max_num_seqs": 16,
+            "min_replicas": replicas, "max_replicas": replicas, **overrides}
+
+
+class LocalStack:
+    """Ray + Serve on a free loopback port + kvpilot's app from config ``args``."""
+
+    def __init__(self, args: dict[str, Any], num_cpus: int = 4, app: str = "kvpilot"):
+        self.args, self.num_cpus, self.app = args, num_cpus, app
+        self.url = ""
+
+    def start(self) -> str:
+        import ray
+        from ray import serve
+
+        from deployments.app import build_app
+
+        os.chdir(ROOT)
+        ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(self.args), name=self.app, route_prefix="/")
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+    # --- looking inside -------------------------------------------------------
+
+    def replicas(self, model: str) -> list[dict[str, Any]]:
+        """Live replica actors of ``model``'s deployment: name, pid, actor id."""
+        from ray._private import state
+
+        from cluster.placement import deployment_name
+
+        cls = f"ServeReplica:{self.app}:{deployment_name(model)}"
+        return [{"name": a["Name"], "pid": a["Pid"], "actor_id": a["ActorID"]}
+                for a in state.actors().values() if a["ActorClassName"] == cls and a["State"] == "ALIVE"]
+
+    def running_replicas(self, model: str) -> int:
+        from ray import serve
+
+        from cluster.placement import deployment_name
+
+        status = serve.status().applications[self.app].deployments[deployment_name(model)]
+        return int(status.replica_states.get("RUNNING", 0))
+
+    def kill_replica(self, name: str) -> None:
+        import ray
+
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process of the stack: this driver, the GCS, the raylet and all their descendants."""
+        import ray
+
+        node = ray._private.worker._global_node
+        roots = [psutil.Process()]
+        for infos in node.all_processes.values():
+            for info in infos:
+                try:
+                    roots.append(psutil.Process(info.process.pid))
+                except psutil.NoSuchProcess:
+                    pass
+        seen: dict[int, psutil.Process] = {}
+        for root in roots:
+            for p in [root, *root.children(recursive=True)]:
+                seen.setdefault(p.pid, p)
+        return list(seen.values())
+
+    def logs_dir(self) -> Path:
+        import ray
+
+        return Path(ray._private.worker._global_node.get_logs_dir_path())
+
+
+def role(p: psutil.Process) -> str:
+    """A readable name for one process of the stack."""
+    try:
+        name = p.name()
+        cmd = " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "gone"
+    for key in ("ServeReplica", "ServeController", "ProxyActor", "EngineCore", "raylet", "gcs_server",
+                "dashboard_agent", "runtime_env_agent", "log_monitor", "ray::IDLE"):
+        if key in name or key in cmd:
+            if key == "ServeReplica":
+                return cmd.split()[0] if cmd else name
+            return key
+    return name
+
+
+def wait_for(predicate: Any, timeout_s: float, period_s: float = 0.5) -> float | None:
+    """Seconds until ``predicate()`` held, or None after ``timeout_s``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(period_s)
+    return None

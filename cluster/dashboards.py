@@ -1,0 +1,151 @@
+"""Grafana dashboards, generated from the metric definitions in ``cluster.metrics``.
+
+``kvpilot dashboards OUT_DIR`` writes them (the chart ships ``helm/kvpilot/dashboards/``);
+a test checks the committed files equal what this module generates and that every
+panel's query returns series from a real Prometheus scraping a loaded test stack.
+Panels whose data exist only on GPUs say so in ``GPU_ONLY``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster import metrics as M
+from cluster.metrics import exported_name as n
+
+RATE = "$__rate_interval"
+SEL = '{model=~"$model"}'
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    exprs: tuple[tuple[str, str], ...]  # (PromQL, legend)
+    unit: str = "short"
+    gpu_only: bool = False
+
+
+def _q(p: float, hist: M.Metric, by: str = "") -> str:
+    group = f"le{', ' + by if by else ''}"
+    return f"histogram_quantile({p}, sum by ({group}) (rate({n(hist, '_bucket')}{SEL}[{RATE}])))"
+
+
+def _rate(m: M.Metric, by: str) -> str:
+    return f"sum by ({by}) (rate({n(m)}{SEL}[{RATE}]))"
+
+
+OVERVIEW = (
+    Panel("Requests per second by status", (
+        (f"sum by (code) (rate({n(M.INGRESS_REQUESTS)}{SEL}[{RATE}]))", "{{code}}"),), "reqps"),
+    Panel("Errors per second by kind", ((_rate(M.INGRESS_ERRORS, "kind"), "{{kind}}"),), "reqps"),
+    Panel("Tokens per second", (
+        (_rate(M.ENGINE_PROMPT_TOKENS, "model"), "prompt {{model}}"),
+        (_rate(M.ENGINE_GENERATION_TOKENS, "model"), "generated {{model}}"),
+    ), "short"),
+    Panel("Time to first token", (
+        (_q(0.5, M.ENGINE_TTFT), "p50"), (_q(0.9, M.ENGINE_TTFT), "p90"), (_q(0.99, M.ENGINE_TTFT), "p99"),
+    ), "s"),
+    Panel("Inter-token latency", ((_q(0.5, M.ENGINE_ITL), "p50"), (_q(0.99, M.ENGINE_ITL), "p99")), "s"),
+    Panel("End-to-end latency", ((_q(0.5, M.ENGINE_E2E), "p50"), (_q(0.99, M.ENGINE_E2E), "p99")), "s"),
+    Panel("Finished requests by reason", ((_rate(M.ENGINE_REQUESTS_FINISHED, "reason"), "{{reason}}"),), "reqps"),
+)
+
+MODEL = (
+    Panel("KV-cache usage per replica", ((f"{n(M.ENGINE_KV_CACHE_USAGE)}{SEL}", "{{replica}}"),), "percentunit"),
+    Panel("Running and waiting requests per replica", (
+        (f"{n(M.ENGINE_RUNNING)}{SEL}", "running {{replica}}"),
+        (f"{n(M.ENGINE_WAITING)}{SEL}", "waiting {{replica}}"),
+    )),
+    Panel("Desired versus current replicas", (
+        (f"{n(M.AUTOSCALER_DESIRED)}{SEL}", "desired {{model}}"),
+        (f"{n(M.AUTOSCALER_CURRENT)}{SEL}", "current {{model}}"),
+    )),
+    Panel("Predicted KV demand over capacity", ((f"{n(M.AUTOSCALER_KV_DEMAND)}{SEL}", "{{model}}"),), "percentunit"),
+    Panel("Autoscaling decisions by reason", ((_rate(M.AUTOSCALER_DECISIONS, "reason"), "{{reason}}"),), "ops"),
+    Panel("Preemptions per second", ((_rate(M.ENGINE_PREEMPTIONS, "replica"), "{{replica}}"),), "ops"),
+    Panel("GPU memory per GPU", (
+        (f"{n(M.GPU_MEMORY_USED)}{SEL}", "used {{replica}} gpu {{gpu}}"),
+        (f"{n(M.GPU_MEMORY_TOTAL)}{SEL}", "total {{replica}} gpu {{gpu}}"),
+    ), "bytes", gpu_only=True),
+    Panel("KV-cache bytes per GPU", ((f"{n(M.GPU_KV_CACHE_BYTES)}{SEL}", "{{replica}} gpu {{gpu}}"),), "bytes",
+          gpu_only=True),
+)
+
+ROUTER = (
+    Panel("Routing decisions per replica", ((_rate(M.ROUTER_DECISIONS, "replica"), "{{replica}}"),), "reqps"),
+    Panel("Load spread across replicas (coefficient of variation of decisions)", ((
+        f"stddev by (model) (sum by (model, replica) (rate({n(M.ROUTER_DECISIONS)}{SEL}[{RATE}]))) / "
+        f"avg by (model) (sum by (model, replica) (rate({n(M.ROUTER_DECISIONS)}{SEL}[{RATE}])))", "{{model}}"),),
+        "percentunit"),
+    Panel("Engine prefix-cache hit rate", ((
+        f"sum by (model) (rate({n(M.ENGINE_PREFIX_HITS)}{SEL}[{RATE}])) / "
+        f"sum by (model) (rate({n(M.ENGINE_PREFIX_QUERIES)}{SEL}[{RATE}]))", "{{model}}"),), "percentunit"),
+    Panel("Router's prefix match on the chosen replica", (
+        (_q(0.5, M.ROUTER_PREFIX_MATCH), "p50"), (_q(0.9, M.ROUTER_PREFIX_MATCH), "p90")), "percentunit"),
+    Panel("Tokens in flight per replica (router's account)", (
+        (f"{n(M.ROUTER_TOKENS_IN_FLIGHT)}{SEL}", "{{replica}}"),)),
+    Panel("Router decision time", ((_q(0.5, M.ROUTER_DECISION_SECONDS), "p50"),
+                                   (_q(0.99, M.ROUTER_DECISION_SECONDS), "p99")), "s"),
+)
+
+DASHBOARDS: dict[str, tuple[str, tuple[Panel, ...]]] = {
+    "kvpilot-overview": ("kvpilot / Overview", OVERVIEW),
+    "kvpilot-model": ("kvpilot / Model", MODEL),
+    "kvpilot-router": ("kvpilot / Router", ROUTER),
+}
+
+
+def _panel_json(p: Panel, i: int) -> dict:
+    return {
+        "id": i + 1,
+        "type": "timeseries",
+        "title": p.title + (" (GPU only)" if p.gpu_only else ""),
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
+        "fieldConfig": {"defaults": {"unit": p.unit}, "overrides": []},
+        "options": {"legend": {"displayMode": "list", "placement": "bottom"}, "tooltip": {"mode": "multi"}},
+        "targets": [
+            {"refId": chr(ord("A") + j), "expr": expr, "legendFormat": legend,
+             "datasource": {"type": "prometheus", "uid": "${datasource}"}}
+            for j, (expr, legend) in enumerate(p.exprs)
+        ],
+    }
+
+
+def dashboard_json(uid: str) -> dict:
+    title, panels = DASHBOARDS[uid]
+    return {
+        "uid": uid,
+        "title": title,
+        "tags": ["kvpilot"],
+        "editable": True,
+        "schemaVersion": 39,
+        "version": 1,
+        "time": {"from": "now-1h", "to": "now"},
+        "refresh": "30s",
+        "timezone": "",
+        "templating": {"list": [
+            {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
+             "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": []},
+            {"name": "model", "label": "Model", "type": "query",
+             "datasource": {"type": "prometheus", "uid": "${datasource}"},
+             "query": {"query": f"label_values({n(M.ENGINE_RUNNING)}, model)", "refId": "model"},
+             "definition": f"label_values({n(M.ENGINE_RUNNING)}, model)",
+             "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "hide": 0, "refresh": 2,
+             "sort": 1, "options": []},
+        ]},
+        "panels": [_panel_json(p, i) for i, p in enumerate(panels)],
+    }
+
+
+def write_dashboards(out_dir: str | Path) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for uid in DASHBOARDS:
+        path = out / f"{uid}.json"
+        path.write_text(json.dumps(dashboard_json(uid), indent=2) + "\n")
+        paths.append(path)
+    return paths

@@ -1,0 +1,193 @@
+"""``kvpilot simulate``: replay a trace through simulated replicas under each routing policy.
+
+Wired into ``cluster/cli.py`` with ``add_simulate_parser(subparsers)`` and the
+handler ``run_simulate(ns, console) -> exit status``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cluster.routing import POLICIES
+from cluster.sim.metrics import DEFAULT_TPOT_SLO_S, DEFAULT_TTFT_SLO_S, SLO, PolicyResult
+from cluster.sim.perfmodel import HBM_BYTES_PER_S
+from cluster.sim.simulator import DEFAULT_MAX_MODEL_LEN, DEFAULT_STATS_PERIOD_S, Setup, make_setup, simulate
+from cluster.sim.workload import Workload, load_trace
+
+PROGRESS_MIN_REQUESTS = 2000  # below this a run takes about a second: no bar
+
+
+def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "simulate", help="replay a trace through simulated vLLM replicas under each routing policy",
+        description="Discrete-event simulation of N vLLM replicas (Llama-2-70B AWQ, TP=2, H100 by default) behind "
+                    "a router; compares routing policies on TTFT, TPOT, goodput and prefix hits.")
+    p.add_argument("--trace", required=True, help="Mooncake JSONL, Azure CSV, or a length table (with --rate)")
+    p.add_argument("--replicas", type=int, default=16, help="engines behind the router (default 16)")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated; default: all")
+    p.add_argument("--time-scale", type=float, default=1.0, help="divide arrival times by X (2 = twice the rate)")
+    p.add_argument("--stats-period", type=float, default=DEFAULT_STATS_PERIOD_S,
+                   help="seconds between engine stats reports to the router (Ray Serve's default is 10; 0 = fresh)")
+    p.add_argument("--max-requests", type=int, help="replay only the first M requests")
+    p.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN,
+                   help=f"clip longer requests (default {DEFAULT_MAX_MODEL_LEN})")
+    p.add_argument("--rate", type=float, help="length tables only: arrivals per second")
+    p.add_argument("--cv", type=float, default=1.0, help="length tables only: Gamma CV of inter-arrivals (1 = Poisson)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu", choices=sorted(HBM_BYTES_PER_S), default="H100-80GB", help="profiled GPUs only")
+    p.add_argument("--tp", type=int, default=2, help="tensor-parallel size of a replica")
+    p.add_argument("--ttft-slo", type=float, default=DEFAULT_TTFT_SLO_S, help="seconds (goodput)")
+    p.add_argument("--tpot-slo", type=float, default=DEFAULT_TPOT_SLO_S, help="seconds (goodput)")
+    p.add_argument("--set", action="append", default=[], metavar="POLICY.PARAM=VALUE",
+                   help="a policy parameter, e.g. kvpilot.kv_high=0.85 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print results as JSON (no table, no plot unless --plot)")
+    p.add_argument("--plot", help="PNG path (default without --json: sim-<trace>.png)")
+    return p
+
+
+def _policy_params(items: list[str], policies: list[str]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name, dot, param = key.partition(".")
+        if not (sep and dot and param):
+            raise ValueError(f"--set: {item!r} is not POLICY.PARAM=VALUE")
+        if name not in policies:
+            raise ValueError(f"--set: {name!r} is not among --policies ({', '.join(policies)})")
+        try:
+            out.setdefault(name, {})[param] = float(value)
+        except ValueError:
+            raise ValueError(f"--set: {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def run_simulate(ns: argparse.Namespace, console: Console) -> int:
+    policies = [p.strip() for p in ns.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICIES]
+    if not policies or unknown:
+        raise ValueError(f"--policies: {', '.join(unknown) or 'none given'}; choose from {', '.join(POLICIES)}")
+    if ns.max_requests is not None and ns.max_requests < 1:
+        raise ValueError(f"--max-requests: {ns.max_requests} must be >= 1")
+    params = _policy_params(ns.set, policies)
+    setup = make_setup(ns.replicas, max_model_len=ns.max_model_len, accelerator=ns.gpu, tensor_parallel_size=ns.tp,
+                       stats_period_s=ns.stats_period, seed=ns.seed, slo=SLO(ns.ttft_slo, ns.tpot_slo))
+    workload = load_trace(ns.trace, time_scale=ns.time_scale, max_requests=ns.max_requests,
+                          max_model_len=ns.max_model_len, rate=ns.rate, cv=ns.cv, seed=ns.seed)
+    if not workload.requests:
+        raise ValueError(f"--trace: {ns.trace} holds no requests")
+    results = _run_all(workload, policies, setup, params)
+    plot = ns.plot or (None if ns.json else f"sim-{Path(ns.trace).stem}.png")
+    if plot:
+        write_plot(results, workload, setup, plot)
+    if ns.json:
+        print(json.dumps(report(results, workload, setup, plot), indent=2))
+    else:
+        render(results, workload, setup, console, plot)
+    return 0
+
+
+def _run_all(workload: Workload, policies: list[str], setup: Setup,
+             params: dict[str, dict[str, float]]) -> list[PolicyResult]:
+    err = Console(stderr=True)
+    show = len(workload.requests) >= PROGRESS_MIN_REQUESTS
+    results = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=not show) as bar:
+        for name in policies:
+            task = bar.add_task(f"simulating {name}", total=len(workload.requests))
+            res, _, _ = simulate(workload, name, setup, policy_params=params.get(name),
+                                 progress=lambda done, t=task: bar.update(t, completed=done))
+            bar.remove_task(task)
+            results.append(res)
+    return results
+
+
+def report(results: list[PolicyResult], workload: Workload, setup: Setup, plot: str | None) -> dict:
+    step = setup.step
+    return {
+        "policies": {r.policy: r.to_dict() for r in results},
+        "perf_model": {
+            "formula": step.describe(),
+            "coefficients_ms": {k: round(getattr(step, k), 9) for k in
+                                ("c0_decode", "c0_prefill", "c_prefill", "c_attn", "c_decode", "c_kv")},
+            "fit": {k: round(v, 6) if isinstance(v, float) else v for k, v in step.fit.__dict__.items()},
+            "fitted_on": f"{step.hardware} TP={step.tp} fp16 rows of splitwise_sim_perf_model.csv",
+            "assumptions": step.assumptions,
+        },
+        "trace": workload.summary(),
+        "setup": setup.to_dict(),
+        "plot": plot,
+    }
+
+
+def _s(x: float) -> str:
+    return f"{x:.2f}" if x < 10 else f"{x:.1f}"
+
+
+def render(results: list[PolicyResult], workload: Workload, setup: Setup, console: Console, plot: str | None) -> None:
+    w = workload.summary()
+    console.print(f"{w['name']}: {w['requests']:,} requests over {w['span_s']:.0f} s; {setup.replicas} × "
+                  f"{setup.model.name} ({setup.model.accelerator}, TP={setup.model.tensor_parallel_size}, "
+                  f"{setup.num_blocks:,} KV blocks); engine stats every {setup.stats_period_s:g} s", highlight=False)
+    best = max(r.goodput_rps for r in results)
+    t = Table(box=box.SIMPLE_HEAD, title="serving", title_justify="left")
+    for col in ("policy", "goodput/s", "SLO met", "done", "prefix hit", "preempt", "load CV", "wall s"):
+        t.add_column(col, justify="left" if col == "policy" else "right")
+    for r in results:
+        mark = (lambda x: f"[bold]{x}[/bold]") if r.goodput_rps == best else (lambda x: x)
+        t.add_row(mark(r.policy), mark(f"{r.goodput_rps:.3f}"), f"{r.slo_attainment:.1%}", f"{r.completed:,}",
+                  f"{r.prefix_hit_rate:.1%}", f"{r.preemptions:,}", f"{r.load_cv:.3f}", f"{r.wall_s:.1f}")
+    console.print(t)
+    t = Table(box=box.SIMPLE_HEAD, title="latency (TTFT, E2E in s; TPOT, ITL in ms)", title_justify="left")
+    for col in ("policy", "TTFT p50", "p90", "p99", "TPOT p50", "p90", "ITL p99", "E2E p50", "p90"):
+        t.add_column(col, justify="left" if col == "policy" else "right")
+    for r in results:
+        t.add_row(r.policy, _s(r.ttft_p50_s), _s(r.ttft_p90_s), _s(r.ttft_p99_s), f"{r.tpot_p50_s * 1e3:.0f}",
+                  f"{r.tpot_p90_s * 1e3:.0f}", f"{r.itl_p99_s * 1e3:.0f}", _s(r.e2e_p50_s), _s(r.e2e_p90_s))
+    console.print(t)
+    f = setup.step.fit
+    console.print(f"  SLO: TTFT ≤ {setup.slo.ttft_s:g} s and TPOT ≤ {setup.slo.tpot_s:g} s; latencies in seconds",
+                  highlight=False)
+    console.print(f"  perf model: {setup.step.describe()}", highlight=False)
+    console.print(f"  perf model fit on {f.rows} table rows: MAPE {f.mape:.1%} (prefill {f.mape_prefill:.1%}, "
+                  f"decode {f.mape_decode:.1%}), max {f.max_ape:.0%}, R² {f.r2:.4f}", highlight=False)
+    for a in setup.step.assumptions + setup.notes + w["notes"]:
+        console.print(f"  assumes: {a}", highlight=False)
+    if plot:
+        console.print(f"  plot: {plot}", highlight=False)
+
+
+def write_plot(results: list[PolicyResult], workload: Workload, setup: Setup, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    for r in results:
+        xs = r.ttft_samples
+        if xs:
+            ys = [(i + 1) / len(xs) for i in range(len(xs))]
+            ax1.plot([max(x, 1e-3) for x in xs], ys, label=r.policy, lw=1.4)
+    ax1.axvline(setup.slo.ttft_s, color="grey", ls="--", lw=1)
+    ax1.set_xscale("log")
+    ax1.set_xlabel("TTFT (s)")
+    ax1.set_ylabel("fraction of requests")
+    ax1.set_title(f"TTFT CDF: {workload.name}, {setup.replicas} replicas")
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3)
+    names = [r.policy for r in results]
+    ax2.bar(names, [r.goodput_rps for r in results], color="tab:blue")
+    ax2.set_ylabel("goodput (req/s)")
+    ax2.set_title(f"goodput (TTFT ≤ {setup.slo.ttft_s:g} s, TPOT ≤ {setup.slo.tpot_s:g} s)")
+    ax2.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

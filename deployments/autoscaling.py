@@ -1,0 +1,70 @@
+"""kvpilot's Ray Serve autoscaling policy: glue from ``AutoscalingContext`` to ``cluster.autoscaling.decide``.
+
+Plugged in per model through ``autoscaling_config.policy`` (see
+``cluster.placement.deployment_options``); Serve builds one instance per
+deployment in its controller with ``policy_kwargs`` and calls it every
+``metrics_interval_s`` with the replicas' ``record_autoscaling_stats`` values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from cluster import metrics as M
+from cluster.autoscaling import ReplicaSignals, ScalerState, ScalingInput, decide
+from cluster.config import AutoscalingConfig
+from deployments.telemetry import Recorder
+
+logger = logging.getLogger("kvpilot.autoscaling")
+
+
+class KVPilotAutoscaler:
+    def __init__(self, model: str, config: dict[str, Any], kv_capacity_tokens: int, min_replicas: int,
+                 max_replicas: int):
+        self._model = model
+        self._cfg = AutoscalingConfig.model_validate(config)
+        self._capacity = kv_capacity_tokens
+        self._bounds = (min_replicas, max_replicas)
+        self._rec = Recorder(model=model)
+        self._last_reason = ""
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        metrics = ctx.aggregated_metrics or {}
+
+        def value(name: str, rid: Any) -> float | None:
+            v = metrics.get(name, {}).get(rid)
+            return None if v is None else float(v)
+
+        replicas = tuple(
+            ReplicaSignals(
+                kv_cache_usage=value("kv_cache_usage", rid) or 0.0,
+                num_running=value("num_running", rid) or 0.0,
+                num_waiting=value("num_waiting", rid) or 0.0,
+                token_rate=value("token_rate", rid) or 0.0,
+                gpu_memory_used_ratio=value("gpu_memory_used_ratio", rid),
+            )
+            for rid in ctx.running_replicas
+        )
+        state = ScalerState(**ctx.policy_state["kvpilot"]) if "kvpilot" in (ctx.policy_state or {}) else ScalerState()
+        inp = ScalingInput(
+            now_s=ctx.current_time or time.time(),
+            current_replicas=ctx.current_num_replicas,
+            replicas=replicas,
+            queued_requests=float(ctx.total_queued_requests or 0.0),
+            kv_capacity_tokens=self._capacity,
+            min_replicas=self._bounds[0],
+            max_replicas=self._bounds[1],
+        )
+        decision, state = decide(inp, self._cfg, state)
+        self._rec.set(M.AUTOSCALER_CURRENT, ctx.current_num_replicas)
+        self._rec.set(M.AUTOSCALER_DESIRED, decision.desired)
+        self._rec.set(M.AUTOSCALER_KV_DEMAND, decision.kv_demand_ratio)
+        self._rec.inc(M.AUTOSCALER_DECISIONS, 1, reason=decision.kind)
+        if decision.reason != self._last_reason or decision.desired != ctx.current_num_replicas:
+            logger.info("autoscaler %s: %d -> %d replicas: %s", self._model, ctx.current_num_replicas,
+                        decision.desired, decision.reason)
+            self._last_reason = decision.reason
+        return decision.desired, {"kvpilot": dataclasses.asdict(state)}

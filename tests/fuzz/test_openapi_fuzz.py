@@ -1,0 +1,41 @@
+"""Fuzz the ingress from its own OpenAPI document: no 5xx, every error an OpenAI error object."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.fuzz.conftest import API_KEY, MAX_TOKENS
+from tests.fuzz.openapi_fuzz import run
+
+pytestmark = pytest.mark.serve
+
+# About 2,000 generated cases: the two generation routes get nearly all of them.
+PLAN = {
+    ("POST", "/v1/completions"): {"positive": 650, "negative": 400},
+    ("POST", "/v1/chat/completions"): {"positive": 550, "negative": 400},
+    ("GET", "/v1/models"): {"positive": 5},
+    ("GET", "/health"): {"positive": 5},
+}
+MIN_CASES = 2000
+
+
+def test_openapi_document_describes_the_request_bodies(fuzz_url):
+    doc = httpx.get(f"{fuzz_url}/openapi.json").json()
+    for path, schema in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest")):
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{schema}"}
+        assert doc["components"]["schemas"][schema]["properties"]["model"]["enum"] == ["tiny"]
+        assert doc["paths"][path]["post"]["security"] == [{"apiKey": []}]
+    assert "security" not in doc["paths"]["/health"]["get"]
+
+
+def test_fuzz_finds_no_server_error_and_only_openai_errors(fuzz_url):
+    report = run(fuzz_url, API_KEY, PLAN, seed=0, workers=8, max_tokens=MAX_TOKENS)
+    print(report.summary())
+    for f in report.findings[:10]:
+        print(f"--- {f.operation} [{f.mode}] {f.status}: {f.problem}\n    sent: {f.request[:300]}\n    got: {f.response[:300]}")
+    assert report.cases >= MIN_CASES
+    assert report.server_errors == 0
+    assert not report.findings
+    assert report.statuses[200] > 100, "too few cases reached the engine for the run to mean much"

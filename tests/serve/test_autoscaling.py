@@ -1,0 +1,84 @@
+"""kvpilot's autoscaling policy driving the real CPU stack: from zero, up under KV pressure, back down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import openai
+import pytest
+from ray import serve
+
+from cluster.placement import deployment_name
+from tests.serve.conftest import ROOT, deploy
+
+pytestmark = pytest.mark.serve
+
+APP, MODEL = "autoscale", "tiny"
+
+
+def _args() -> dict:
+    return {"models": [{
+        "name": MODEL, "source": str(ROOT / ".fixtures/tiny-none"), "dtype": "float16", "accelerator": "cpu",
+        # ~10k KV tokens: a burst of long requests fills it.
+        "cpu_kv_cache_space_gib": 0.01, "max_model_len": 1024, "max_num_seqs": 32,
+        "min_replicas": 0, "max_replicas": 2,
+        "autoscaling": {"target_kv_usage": 0.5, "high_kv_usage": 0.8, "upscale_sustained_s": 2,
+                        "downscale_delay_s": 10, "startup_s": 5, "trend_window_s": 10, "idle_to_zero_s": 10,
+                        "metrics_interval_s": 1},
+    }]}
+
+
+def _running_replicas() -> int:
+    dep = serve.status().applications[APP].deployments[deployment_name(MODEL)]
+    return dep.replica_states.get("RUNNING", 0)
+
+
+def _wait_for(count: int, timeout_s: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if _running_replicas() == count:
+            return time.monotonic() - started
+        time.sleep(1)
+    raise AssertionError(f"{count} replica(s) not reached in {timeout_s} s (now {_running_replicas()})")
+
+
+@pytest.fixture(scope="module")
+def url(serve_instance):
+    deploy(_args(), APP, f"/{APP}")
+    yield f"{serve_instance}/{APP}/v1"
+    serve.delete(APP)
+
+
+def test_scale_from_zero_up_on_kv_pressure_and_back_down(url):
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    assert _running_replicas() == 0
+
+    # The first request at zero replicas waits for one to start and then succeeds (no 503).
+    t0 = time.monotonic()
+    r = client.completions.create(model=MODEL, prompt="hello", max_tokens=4, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4
+    print(f"cold start answered after {time.monotonic() - t0:.0f} s")
+
+    # A burst of long requests fills the ~10k-token KV cache: a second replica starts.
+    async def burst():
+        aclient = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+        return await asyncio.gather(*(
+            aclient.completions.create(model=MODEL, prompt=[7 + i] * 300, max_tokens=600,
+                                       extra_body={"ignore_eos": True})
+            for i in range(24)))
+
+    async def burst_and_watch():
+        task = asyncio.create_task(burst())
+        peak = 1
+        while not task.done():
+            peak = max(peak, _running_replicas())
+            await asyncio.sleep(1)
+        return await task, peak
+
+    results, peak = asyncio.run(burst_and_watch())
+    assert all(r.usage.completion_tokens == 600 for r in results)
+    if peak < 2:  # the new replica may still be loading when the burst ends
+        _wait_for(2, 180)
+    # Idle: back to one after the downscale delay, then to zero.
+    print(f"back to 1 replica after {_wait_for(1, 240):.0f} s, to 0 after {_wait_for(0, 240):.0f} s more")

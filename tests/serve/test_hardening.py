@@ -1,0 +1,401 @@
+"""Hardening on the real stack: API keys, limits, faults (a replica or engine dying), no keys in logs.
+
+Two applications beside each other on the package's Ray:
+
+* ``guarded`` (``/guarded``): one replica, API keys from a file, tight per-key limits;
+* ``faulty`` (``/faulty``): two replicas, no keys; replicas and engines get killed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+from ray import serve
+
+from cluster import metrics as M
+from cluster.placement import deployment_name
+from tests.serve.conftest import ROOT, deploy
+
+pytestmark = pytest.mark.serve
+
+MODEL = "tiny"
+GUARDED, FAULTY = "guarded", "faulty"
+# Every key is 32 characters; one per test that spends a budget, so the tests do not share buckets.
+KEYS = {name: f"sk-kvpilot-test-{name:>8}-{i:07d}".replace(" ", "x") for i, name in
+        enumerate(["auth", "rate", "tokens", "queue", "body", "limits", "metrics"])}
+RPM, TPM = 8, 600
+MAX_QUEUED = 2
+MAX_BODY = 64 * 1024
+
+
+def _model(replicas: int, **extra) -> dict:
+    return {"name": MODEL, "source": str(ROOT / ".fixtures/tiny-none"), "dtype": "float16", "accelerator": "cpu",
+            "cpu_kv_cache_space_gib": 0.25, "max_model_len": 1024, "max_num_seqs": 8,
+            "min_replicas": replicas, "max_replicas": replicas, **extra}
+
+
+@pytest.fixture(scope="module")
+def keys_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("secrets") / "api-keys"
+    path.write_text("# one key per line, as a mounted Kubernetes Secret\n" + "\n".join(KEYS.values()) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def apps(serve_instance, keys_file):
+    deploy({"models": [_model(1, limits={"max_prompt_tokens": 200, "max_tokens": 800,
+                                         "max_queued_requests": MAX_QUEUED})],
+            "ingress": {"auth": "required", "api_keys_file": str(keys_file), "requests_per_minute": RPM,
+                        "tokens_per_minute": TPM, "max_body_bytes": MAX_BODY}},
+           GUARDED, f"/{GUARDED}")
+    deploy({"models": [_model(2)]}, FAULTY, f"/{FAULTY}")
+    yield serve_instance
+    for app in (GUARDED, FAULTY):
+        serve.delete(app)
+
+
+@pytest.fixture
+def guarded(apps) -> str:
+    return f"{apps}/{GUARDED}"
+
+
+@pytest.fixture
+def faulty(apps) -> str:
+    return f"{apps}/{FAULTY}"
+
+
+def _auth(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[name]}"}
+
+
+def _complete(base: str, key: str | None, timeout: float = 120, **body) -> httpx.Response:
+    headers = _auth(key) if key else {}
+    return httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "Hello", **body}, headers=headers,
+                      timeout=timeout)
+
+
+def _openai_error(r: httpx.Response, status: int, code: str | None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["code"] == code, err
+    return err
+
+
+# --- API keys -------------------------------------------------------------------
+
+
+def test_every_v1_route_needs_a_key_and_health_stays_open(guarded):
+    assert httpx.get(f"{guarded}/health").status_code == 200
+    for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+                         ("GET", "/v1/no-such-route")]:
+        r = httpx.request(method, f"{guarded}{path}", json={"model": MODEL, "prompt": "x"})
+        _openai_error(r, 401, "missing_api_key")
+        assert r.headers["www-authenticate"] == "Bearer"
+        for bad in (f"Bearer {KEYS['auth']}x", "Bearer sk-kvpilot-not-a-key-at-all-000", f"Basic {KEYS['auth']}"):
+            r = httpx.request(method, f"{guarded}{path}", json={"model": MODEL, "prompt": "x"},
+                              headers={"Authorization": bad})
+            assert r.status_code == 401 and KEYS["auth"] not in r.text
+    assert httpx.get(f"{guarded}/v1/models", headers=_auth("auth")).json()["data"][0]["id"] == MODEL
+
+
+def test_openai_client_with_and_without_a_key(guarded):
+    good = openai.OpenAI(base_url=f"{guarded}/v1", api_key=KEYS["auth"], max_retries=0, timeout=120)
+    assert good.completions.create(model=MODEL, prompt="Hi", max_tokens=4).usage.completion_tokens <= 4
+    bad = openai.OpenAI(base_url=f"{guarded}/v1", api_key="sk-kvpilot-wrong-key-0000000000", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.body["code"] == "invalid_api_key"
+
+
+# --- limits ---------------------------------------------------------------------
+
+
+def test_requests_per_minute_gives_429_with_retry_after(guarded):
+    statuses = [_complete(guarded, "rate", max_tokens=1).status_code for _ in range(RPM)]
+    assert statuses == [200] * RPM
+    r = _complete(guarded, "rate", max_tokens=1)
+    err = _openai_error(r, 429, "rate_limit_exceeded")
+    assert "requests per minute" in err["message"]
+    assert 1 <= int(r.headers["retry-after"]) <= 60 / RPM + 1
+    assert _complete(guarded, "auth", max_tokens=1).status_code == 200  # another key is not affected
+
+
+def test_tokens_per_minute_counts_prompt_and_max_tokens(guarded):
+    assert _complete(guarded, "tokens", max_tokens=400, ignore_eos=True).status_code == 200
+    r = _complete(guarded, "tokens", max_tokens=400, ignore_eos=True)  # 400 more do not fit in the 600
+    err = _openai_error(r, 429, "rate_limit_exceeded")
+    assert "tokens per minute" in err["message"] and int(r.headers["retry-after"]) >= 1
+    r = _complete(guarded, "tokens", max_tokens=700)  # can never fit: no point retrying
+    _openai_error(r, 400, "exceeds_token_rate_limit")
+
+
+def test_oversize_body_is_413_with_or_without_content_length(guarded):
+    big = json.dumps({"model": MODEL, "prompt": "x" * (MAX_BODY + 10)}).encode()
+    r = httpx.post(f"{guarded}/v1/completions", content=big, headers=_auth("body"))
+    _openai_error(r, 413, "request_too_large")
+
+    def chunks():
+        for i in range(0, len(big), 8192):
+            yield big[i:i + 8192]
+
+    r = httpx.post(f"{guarded}/v1/completions", content=chunks(), headers=_auth("body"))  # chunked: no length
+    assert "content-length" not in r.request.headers
+    _openai_error(r, 413, "request_too_large")
+
+
+def test_prompt_and_max_tokens_bounds_per_model(guarded):
+    r = _complete(guarded, "limits", prompt=list(range(10, 260)), max_tokens=1)
+    err = _openai_error(r, 400, "prompt_too_long")
+    assert err["param"] == "prompt" and "at most 200" in err["message"]
+    r = _complete(guarded, "limits", max_tokens=801)
+    assert _openai_error(r, 400, "max_tokens_too_large")["param"] == "max_tokens"
+
+
+def test_queue_bound_per_model_gives_503_then_frees_on_disconnect(guarded):
+    body = {"model": MODEL, "prompt": "Keep going", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=120, headers=_auth("queue")) as http:
+        streams = [http.stream("POST", f"{guarded}/v1/completions", json=body) for _ in range(MAX_QUEUED)]
+        opened = [s.__enter__() for s in streams]
+        assert [r.status_code for r in opened] == [200] * MAX_QUEUED
+        r = http.post(f"{guarded}/v1/completions", json={**body, "stream": False, "max_tokens": 1})
+        err = _openai_error(r, 503, "model_overloaded")
+        assert "max_queued_requests" in err["message"] and r.headers["retry-after"] == "1"
+        for s in streams:
+            s.__exit__(None, None, None)  # the clients go away mid-stream
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # their slots come back
+        r = _complete(guarded, "queue", max_tokens=1)
+        if r.status_code == 200:
+            break
+        time.sleep(0.5)
+    assert r.status_code == 200, r.text
+
+
+# --- metrics and logs -------------------------------------------------------------
+
+
+def _metrics_text() -> str:
+    import ray
+
+    port = ray._private.worker._global_node.metrics_export_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def _series(text: str, name: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name):].rsplit(" ", 1)
+            out[labels] = float(value)
+    return out
+
+
+def test_ingress_metrics_count_codes_and_refusals_without_keys(guarded):
+    for _ in range(2):
+        httpx.get(f"{guarded}/v1/models")  # 401
+    requests_name, errors_name = M.exported_name(M.INGRESS_REQUESTS), M.exported_name(M.INGRESS_ERRORS)
+    deadline = time.monotonic() + 60  # Ray's metrics agent exports every few seconds
+    while True:
+        text = _metrics_text()
+        codes = _series(text, requests_name)
+        if any('code="401"' in k for k in codes) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert any('code="401"' in k and 'model="-"' in k for k in codes), codes
+    assert any('code="200"' in k and f'model="{MODEL}"' in k for k in codes), codes
+    kinds = _series(text, errors_name)
+    for kind in ("missing_api_key", "rate_limit_exceeded", "request_too_large", "model_overloaded"):
+        assert any(f'kind="{kind}"' in k for k in kinds), (kind, kinds)
+    for key in KEYS.values():
+        assert key not in text
+
+
+# --- faults ---------------------------------------------------------------------
+
+
+class _Outcome:
+    def __init__(self) -> None:
+        self.first_chunk_at: float | None = None
+        self.result = "hung"  # until it ends: "completed", "failed_clean" or "failed_unclean"
+
+
+async def _one_stream(http: httpx.AsyncClient, base: str, i: int, out: _Outcome, max_tokens: int) -> None:
+    body = {"model": MODEL, "prompt": f"Stream number {i}", "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": True}
+    async with http.stream("POST", f"{base}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            text = (await r.aread()).decode()
+            out.result = "failed_clean" if "error" in json.loads(text) else "failed_unclean"
+            return
+        done, error, tokens = False, False, 0
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if out.first_chunk_at is None:
+                out.first_chunk_at = time.monotonic()
+            data = line[6:]
+            if data == "[DONE]":
+                done = True
+            elif "error" in json.loads(data):
+                error = True
+            else:
+                tokens += 1
+        if done and not error:
+            out.result = "completed"
+        else:
+            out.result = "failed_clean" if done and error else "failed_unclean"
+
+
+def _replicas(app: str) -> dict[str, int]:
+    """Live replica actors of the app's model: actor name → pid."""
+    from ray._private import state
+
+    cls = f"ServeReplica:{app}:{deployment_name(MODEL)}"
+    return {a["Name"]: a["Pid"] for a in state.actors().values() if a["ActorClassName"] == cls and a["State"] == "ALIVE"}
+
+
+def _running(app: str) -> int:
+    status = serve.status().applications[app].deployments[deployment_name(MODEL)]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+def _wait(predicate, timeout_s: float) -> float | None:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(0.5)
+    return None
+
+
+def test_killing_a_replica_mid_stream_hangs_nothing_and_it_is_replaced(faulty):
+    import ray
+
+    n, max_tokens = 32, 48
+    before = _replicas(FAULTY)
+    assert len(before) == 2 and _running(FAULTY) == 2
+    outcomes = [_Outcome() for _ in range(n)]
+    killed_at: list[float] = []
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(240.0)) as http:
+            tasks = [asyncio.create_task(_one_stream(http, faulty, i, outcomes[i], max_tokens)) for i in range(n)]
+            while sum(o.first_chunk_at is not None for o in outcomes) < 8:  # streams are running on both replicas
+                await asyncio.sleep(0.05)
+            victim = sorted(before)[0]
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            killed_at.append(time.monotonic())
+            await asyncio.wait(tasks, timeout=240)
+
+    asyncio.run(main())
+    counts = {k: sum(o.result == k for o in outcomes) for k in ("completed", "failed_clean", "failed_unclean", "hung")}
+    not_yet_streaming = [o for o in outcomes if o.first_chunk_at is None or o.first_chunk_at > killed_at[0]]
+    print(f"kill during {n} streams: {counts}; {len(not_yet_streaming)} not yet streaming at the kill")
+    assert counts["hung"] == 0 and counts["failed_unclean"] == 0
+    assert all(o.result == "completed" for o in not_yet_streaming)
+    assert counts["completed"] >= n // 2
+
+    recovered = _wait(lambda: _running(FAULTY) == 2 and len(set(_replicas(FAULTY)) - set(before)) == 1, 300)
+    assert recovered is not None, "no replacement replica within 300 s"
+    print(f"two replicas serve again {time.monotonic() - killed_at[0]:.1f} s after the kill")
+    assert _complete(faulty, None, max_tokens=4).status_code == 200
+
+
+def test_a_dead_engine_fails_the_health_check_and_is_replaced(faulty):
+    """No request comes: Serve's periodic health check (ModelServer.check_health) finds the dead engine."""
+    before = _replicas(FAULTY)
+    assert _wait(lambda: len(_replicas(FAULTY)) == 2 and _running(FAULTY) == 2, 300) is not None
+    before = _replicas(FAULTY)
+    victim_name, victim_pid = sorted(before.items())[0]
+    engine_cores = [p for p in psutil.Process(victim_pid).children(recursive=True) if "EngineCore" in p.name()]
+    assert engine_cores, "the replica has no vLLM EngineCore process"
+    for p in engine_cores:
+        os.kill(p.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    # Health checks every 10 s (cluster/placement.py), then up to 30 s of graceful shutdown.
+    gone = _wait(lambda: victim_name not in _replicas(FAULTY), 120)
+    assert gone is not None, "the replica with a dead engine was not stopped within 120 s"
+    assert [_complete(faulty, None, max_tokens=4).status_code for _ in range(4)] == [200] * 4
+    replaced = _wait(lambda: _running(FAULTY) == 2 and len(_replicas(FAULTY)) == 2, 300)
+    assert replaced is not None
+    print(f"dead engine: replica stopped {gone:.1f} s after, replaced {time.monotonic() - killed:.1f} s after")
+
+
+def test_router_forgets_a_dead_replica_at_once():
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from deployments.protocol import GenerationRequest
+    from deployments.router import KVPilotRouter
+
+    async def main() -> None:
+        dep = DeploymentID(name="model-x", app_name="app")
+        router = KVPilotRouter(deployment_id=dep, handle_source=DeploymentHandleSource.UNKNOWN)
+        router.initialize_state(policy="kvpilot", kv_capacity_tokens=4096, block_tokens=16)
+        dead, alive = ReplicaID("dead", dep), ReplicaID("alive", dep)
+        for i, rep in enumerate((dead, alive, dead)):
+            gen = GenerationRequest(f"r{i}", list(range(64)), 8)
+            pending = PendingRequest(args=[gen], kwargs={}, metadata=RequestMetadata(f"r{i}", f"i{i}"))
+            router.on_request_routed(pending, rep, None)
+        assert router._index.size("dead") > 0 and router._ledger.requests["dead"] == 2
+        router.on_replica_actor_died(dead)
+        assert router._index.size("dead") == 0 and router._ledger.requests.get("dead", 0) == 0
+        assert router._index.size("alive") > 0 and router._ledger.requests["alive"] == 1
+        assert "dead" not in {u for u, _ in router._inflight.values()}
+
+    asyncio.run(main())
+
+
+def test_no_key_reaches_any_log_line(apps):
+    """Scanned last: every request of this module has gone through Serve's proxy, access log and replicas."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert files
+    access = re.compile(rf"(GET|POST) /{GUARDED}/v1/\S* 401 |(GET|POST) /v1/\S* 401 ")
+    saw_access_line = False
+    for path in files:
+        data = path.read_bytes()
+        for name, key in KEYS.items():
+            assert key.encode() not in data, f"key {name!r} appears in {path}"
+        saw_access_line |= bool(access.search(data.decode(errors="replace")))
+    assert saw_access_line, "Serve's access log has no line for the refused requests (the scan saw no requests)"
+
+
+def test_which_failures_count_as_a_lost_replica():
+    """Resubmitted: the replica actor died or is unreachable, or its engine died. Not: the request's own fault."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+
+    from deployments.ingress import _replica_lost
+
+    class EngineDeadError(Exception):  # vLLM's name; the ingress does not import vLLM
+        pass
+
+    assert _replica_lost(ActorDiedError())
+    assert _replica_lost(ActorUnavailableError("unreachable", b"\0" * 16))
+    assert _replica_lost(RayTaskError("generate", "tb", EngineDeadError("dead")).as_instanceof_cause())
+    assert _replica_lost(RayTaskError("generate", "tb", ActorDiedError()))
+    assert not _replica_lost(RayTaskError("generate", "tb", ValueError("bad request")).as_instanceof_cause())
+    assert not _replica_lost(ValueError("bad request"))
+
+
+def test_lone_surrogates_are_found_anywhere_in_a_body():
+    from deployments.ingress import _has_lone_surrogate
+
+    assert _has_lone_surrogate(json.loads('{"messages": [{"content": "ok \\ud800"}]}'))
+    assert _has_lone_surrogate(json.loads('{"\\udfff": 1}'))
+    assert not _has_lone_surrogate({"prompt": "é 😀 \u0000", "stop": ["x"], "n": 1})
