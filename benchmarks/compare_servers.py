@@ -61,12 +61,14 @@ from cluster.bench.workload import build_workload  # noqa: E402
 
 MODEL_ID = "tiny"
 READY_TIMEOUT_S = 600.0  # engines load in about a minute on 2 cores; Ray clusters add their start
+START_ATTEMPTS = 3  # a local Ray can time out starting when other jobs load the machine
 STOP_GRACE_S = 60.0  # serve run takes tens of seconds to shut Serve, the engine and its Ray down
 LABELS = {
     "vllm": "bare vLLM 0.32",
     "kvpilot": "kvpilot (vLLM 0.32)",
     "kvpilot-coalesce": "kvpilot + replica coalescing (candidate fix)",
     "kvpilot-samethread": "kvpilot + RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0",
+    "kvpilot-tuned": "kvpilot + coalescing + Serve user code and router on the replica's loop",
     "rayllm": "Ray Serve LLM (vLLM 0.29)",
     "vllm029": "bare vLLM 0.29",
 }
@@ -274,13 +276,15 @@ def make_servers(names: list[str], engine: Engine, bench_py: Path, run_dir: Path
                    "--port", str(port), *engine.vllm_args()]
             servers.append(Server(name, cmd, port, log))
         elif name.startswith("kvpilot"):
+            same_thread = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+            # Serve imports the app in a Ray task: the variant's module must be on the workers' path.
+            on_path = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "benchmarks"),
+                                                                   os.environ.get("PYTHONPATH")]))}
             variant = {"kvpilot": ("deployments.app:build_app", {}),
-                       # Serve imports the app in a Ray task: the module must be on the workers' path.
-                       "kvpilot-coalesce": ("compare_kvpilot_variant:build_app",
-                                            {"PYTHONPATH": os.pathsep.join(filter(None, [
-                                                str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))}),
-                       "kvpilot-samethread": ("deployments.app:build_app",
-                                              {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"})}
+                       "kvpilot-coalesce": ("compare_kvpilot_variant:build_app", on_path),
+                       "kvpilot-samethread": ("deployments.app:build_app", same_thread),
+                       "kvpilot-tuned": ("compare_kvpilot_variant:build_app",
+                                         {**on_path, **same_thread, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"})}
             if name not in variant:
                 raise ValueError(f"unknown server {name!r}; choose from {', '.join(LABELS)}")
             import_path, env = variant[name]
@@ -653,9 +657,17 @@ def main(argv: list[str] | None = None) -> int:
     keep: dict[tuple[str, str], list[BenchResult]] = {}
     try:
         for s in servers:  # one at a time: engines load faster without competing starts
-            log(f"starting {s.name}: {' '.join(s.cmd)}")
-            s.start()
-            s.wait_ready()
+            for attempt in range(1, START_ATTEMPTS + 1):
+                log(f"starting {s.name}: {' '.join(s.cmd)}")
+                s.start()
+                try:
+                    s.wait_ready()
+                    break
+                except RuntimeError as e:  # e.g. "node timed out during startup" on a loaded machine
+                    log(f"  {e}")
+                    s.stop()
+                    if attempt == START_ATTEMPTS:
+                        raise
             log(f"  {s.name} ready at {s.url} after {s.ready_s:.0f} s")
             report["servers"][s.name]["ready_s"] = s.ready_s
         wanted = [x.strip() for x in ns.scenarios.split(",")]

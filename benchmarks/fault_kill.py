@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -99,7 +99,8 @@ def one_round(stack: LocalStack, n: int, max_tokens: int, kill_after: int, targe
         nonlocal killed_at
         timeout = httpx.Timeout(stream_timeout, connect=30.0)
         async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=n + 4)) as http:
-            tasks = [asyncio.create_task(one_stream(http, stack.url, i, streams[i], max_tokens, headers)) for i in range(n)]
+            tasks = [asyncio.create_task(one_stream(http, stack.url, i, streams[i], max_tokens, headers))
+                     for i in range(n)]
             while sum(s.first_chunk_at is not None for s in streams) < kill_after:
                 await asyncio.sleep(0.02)
             if target == "actor":

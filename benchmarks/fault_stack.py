@@ -48,7 +48,14 @@ class LocalStack:
         from deployments.app import build_app
 
         os.chdir(ROOT)
-        ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
+        for attempt in range(3):  # on a loaded machine the GCS can miss its start-up deadline
+            try:
+                ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
+                break
+            except Exception:
+                ray.shutdown()
+                if attempt == 2:
+                    raise
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(self.args), name=self.app, route_prefix="/")

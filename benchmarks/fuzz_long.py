@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections import Counter
 from dataclasses import asdict
 from datetime import datetime

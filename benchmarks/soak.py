@@ -191,7 +191,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"stack RSS: {result['total_start_mib']:.0f} MiB → {result['total_end_mib']:.0f} MiB "
              f"({result['total_end_mib'] - result['total_start_mib']:+.0f} MiB); processes that appeared or left "
              f"during the soak: {result['processes_changed']}", "",
-             "| pid | role | start MiB | end MiB | max MiB | growth MiB | slope MiB/h |", "|---|---|---|---|---|---|---|"]
+             "| pid | role | start MiB | end MiB | max MiB | growth MiB | slope MiB/h |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["rss"]:
         lines.append(f"| {r['pid']} | {r['role']} | {r['start_mib']} | {r['end_mib']} | {r['max_mib']} | "
                      f"{r['growth_mib']:+} | {r['slope_mib_per_h']:+} |")
@@ -244,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
               "total_end_mib": sum(b for _, b in last.values()) / MIB,
               "processes_changed": len(set(first) ^ set(last)),
               "load_average_end": [round(x, 1) for x in os.getloadavg()],
-              "rss_samples": [{"t_s": round(t, 1), "rss_mib": {pid: [r, round(b / MIB, 1)] for pid, (r, b) in s.items()}}
+              "rss_samples": [{"t_s": round(t, 1),
+                               "rss_mib": {pid: [r, round(b / MIB, 1)] for pid, (r, b) in s.items()}}
                               for t, s in samples]}
     (ns.out / f"soak-{stamp}.json").write_text(json.dumps(result, indent=1))
     (ns.out / f"soak-{stamp}.md").write_text(markdown(result))

@@ -171,6 +171,18 @@ def _cmd_dashboards(ns: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _cmd_simulate(ns: argparse.Namespace, console: Console) -> int:
+    from cluster.sim.cli import run_simulate
+
+    return run_simulate(ns, console)
+
+
+def _cmd_bench(ns: argparse.Namespace, console: Console) -> int:
+    from cluster.bench.cli import run_bench
+
+    return run_bench(ns, console)
+
+
 def _alive(pid: int) -> bool:
     import os
 
@@ -210,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--quantization", choices=["none", "awq", "gptq"], default="none")
     tiny.add_argument("--seed", type=int, default=0)
 
+    from cluster.bench.cli import add_bench_parser
+    from cluster.sim.cli import add_simulate_parser
+
+    add_simulate_parser(sub)
+    add_bench_parser(sub)
+
     dash = sub.add_parser("dashboards", help="write the Grafana dashboards (JSON) generated from the metric names")
     dash.add_argument("out", nargs="?", default="helm/kvpilot/dashboards")
 
@@ -227,6 +245,8 @@ _COMMANDS = {
     "tiny-model": _cmd_tiny_model,
     "wait-ready": _cmd_wait_ready,
     "dashboards": _cmd_dashboards,
+    "simulate": _cmd_simulate,
+    "bench": _cmd_bench,
 }
 
 

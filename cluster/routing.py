@@ -266,42 +266,100 @@ class SGLang(Policy):
 
 
 class KVPilot(Policy):
-    """kvpilot: estimated work each replica would have to do before this request's first token.
+    """kvpilot: send the request where its first token is expected soonest, without overflowing KV.
 
-    cost = uncached prompt tokens (prefill this request still needs there)
-         + load_weight × tokens in flight (the router's own, never stale, account of
-           prefill and decode the replica owes to requests it already has)
-         + a steep penalty when admitting the request would push the replica's KV
-           cache past ``kv_high`` of its capacity (vLLM would preempt and recompute).
+    Per replica, in prompt tokens (tokens / ``prefill_tokens_per_s`` = seconds):
 
-    Prefix reuse only counts while it is worth more than the queue it joins, so a
-    shared system prompt does not pin every request to one replica.
+        cost = prefill owed there             (a virtual FIFO queue, see below)
+             + uncached prompt tokens         (this request's own prefill there: its prompt minus
+                                               the leading blocks the prefix index says are cached)
+             + load_weight × unaccounted tokens in flight
+             + kv_penalty_tokens × (KV use after admission − kv_high), when that is positive
+
+    *Prefill owed* is this policy's own account: every request it routes adds its
+    uncached tokens to its replica's queue, and each queue drains at the replica's
+    effective prefill speed (``prefill_tokens_per_s × prefill_efficiency``: attention
+    and the decodes batched into each step take the rest of it) as ``clock`` advances.
+    Unlike tokens in flight, it forgets a request once its prefill is done, so a
+    replica busy decoding long prompts is not mistaken for one with a queue, and a
+    replica that just took a 30k-token prompt is (its engine still reports an empty
+    waiting queue while the prompt is being chunked through). It is clamped by the
+    router's ledger: never more than the tokens in flight, zero when nothing is.
+
+    *Unaccounted tokens in flight* are ledger tokens this policy did not route (another
+    router's, or all of them for a fresh policy): treated as queued work, at ``load_weight``.
+
+    The prefix term makes cache reuse worth exactly the prefill it saves, so reuse wins
+    among comparable queues, and a replica that holds a popular prefix stops attracting
+    it once its queue is longer than recomputing the prefix elsewhere (replication).
+    KV demand after admission is the larger of the engine's last (stale) report and the
+    ledger's tokens in flight, plus this request's uncached prompt and output budget.
+
+    The simulator supplies ``clock`` (simulated seconds) and ``prefill_tokens_per_s``
+    (from its step model); a live router passes ``time.monotonic`` and the replica's
+    measured or modelled prefill speed. The estimate assumes the first replica of the
+    ranking is the one used.
     """
 
     name = "kvpilot"
     uses_prefix = True
 
     def __init__(self, seed: int = 0, load_weight: float = 1.0, kv_high: float = 0.9,
-                 kv_penalty_tokens: float = 1e6, block_tokens: int = BLOCK_TOKENS):
+                 kv_penalty_tokens: float = 1e6, block_tokens: int = BLOCK_TOKENS,
+                 prefill_tokens_per_s: float = 6900.0, prefill_efficiency: float = 0.7,
+                 clock: Callable[[], float] | None = None):
         super().__init__(seed)
+        if prefill_tokens_per_s <= 0 or not 0 < prefill_efficiency <= 1:
+            raise ValueError(f"kvpilot: prefill_tokens_per_s ({prefill_tokens_per_s}) must be > 0 and "
+                             f"prefill_efficiency ({prefill_efficiency}) in (0, 1]")
         self.load_weight = load_weight
         self.kv_high = kv_high
         self.kv_penalty_tokens = kv_penalty_tokens
         self.block_tokens = block_tokens
+        self.drain_rate = prefill_tokens_per_s * prefill_efficiency  # tokens of queued prefill per second
+        if clock is None:
+            import time
+
+            clock = time.monotonic
+        self.clock = clock
+        self._owed: dict[str, float] = {}  # replica -> uncached prompt tokens queued for prefill
+        self._seen: dict[str, float] = {}  # replica -> when _owed was last drained
+        self._mine: dict[str, int] = {}  # replica -> ledger tokens (prompt + budget) this policy routed there
+
+    def _queue(self, r: ReplicaLoad, now: float) -> float:
+        rid = r.replica_id
+        owed = self._owed.get(rid, 0.0)
+        if owed:
+            owed = max(0.0, owed - self.drain_rate * (now - self._seen[rid]))
+            if r.requests_in_flight == 0:
+                owed = 0.0
+            owed = min(owed, float(r.tokens_in_flight))
+            self._owed[rid] = owed
+        self._seen[rid] = now
+        mine = self._mine.get(rid, 0)
+        if mine > r.tokens_in_flight:  # requests finished: the ledger is the truth
+            mine = self._mine[rid] = r.tokens_in_flight
+        return owed + self.load_weight * (r.tokens_in_flight - mine)
 
     def rank(self, req, replicas):
-        def cost(r: ReplicaLoad) -> float:
-            cached = min(req.prompt_tokens, r.cached_blocks * self.block_tokens)
-            c = (req.prompt_tokens - cached) + self.load_weight * r.tokens_in_flight
+        now = self.clock()
+        bt = self.block_tokens
+        scored = []
+        for r in replicas:
+            cached = min(req.prompt_tokens - 1, r.cached_blocks * bt) if r.cached_blocks else 0
+            uncached = req.prompt_tokens - cached
+            c = uncached + self._queue(r, now)
             if r.kv_capacity_tokens:
-                # Fresh estimate of KV demand: the larger of the engine's last report and our own account.
                 after = max(r.kv_cache_usage, r.tokens_in_flight / r.kv_capacity_tokens)
-                after += (req.prompt_tokens - cached + req.max_tokens) / r.kv_capacity_tokens
+                after += (uncached + req.max_tokens) / r.kv_capacity_tokens
                 if after > self.kv_high:
                     c += self.kv_penalty_tokens * (after - self.kv_high)
-            return c
-
-        return _by(replicas, lambda r: (cost(r), r.requests_in_flight, self.rng.random()))
+            scored.append((c, r.requests_in_flight, self.rng.random(), r.replica_id, uncached))
+        scored.sort()
+        _, _, _, rid, uncached = scored[0]
+        self._owed[rid] = self._owed.get(rid, 0.0) + uncached
+        self._mine[rid] = self._mine.get(rid, 0) + req.prompt_tokens + req.max_tokens
+        return [s[3] for s in scored]
 
 
 POLICIES: dict[str, type[Policy]] = {

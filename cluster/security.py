@@ -161,7 +161,8 @@ class RateLimiter:
     def _of(self, client: str, now: float) -> tuple[TokenBucket | None, TokenBucket | None]:
         pair = self._buckets.get(client)
         if pair is None:
-            pair = (TokenBucket(self._rpm, now) if self._rpm else None, TokenBucket(self._tpm, now) if self._tpm else None)
+            pair = (TokenBucket(self._rpm, now) if self._rpm else None,
+                    TokenBucket(self._tpm, now) if self._tpm else None)
             self._buckets[client] = pair
         return pair
 

@@ -248,7 +248,6 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> di
     }
 
 
-
 class _Admission:
     """One admitted request's claims: a slot of its model's in-flight bound and tokens of its key's budget.
 

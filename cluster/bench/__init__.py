@@ -4,20 +4,29 @@ Pure client code (no Ray, no vLLM): arrivals (``arrivals``), workloads and promp
 synthesis (``workload``), one streamed request (``client``), the run itself
 (``runner``), per-request metrics and their summary (``metrics``), and the
 terminal table, JSON and plots (``report``). ``cli`` holds the ``kvpilot bench``
-sub-command.
+sub-command. Names below are imported on first use, so ``kvpilot`` starts fast.
 """
 
-from cluster.bench.metrics import RequestRecord, SLO, summarize
-from cluster.bench.runner import BenchConfig, BenchResult, run_benchmark
-from cluster.bench.workload import RequestSpec, Workload
+from __future__ import annotations
 
-__all__ = [
-    "SLO",
-    "BenchConfig",
-    "BenchResult",
-    "RequestRecord",
-    "RequestSpec",
-    "Workload",
-    "run_benchmark",
-    "summarize",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SLO": "cluster.bench.metrics",
+    "RequestRecord": "cluster.bench.metrics",
+    "summarize": "cluster.bench.metrics",
+    "BenchConfig": "cluster.bench.runner",
+    "BenchResult": "cluster.bench.runner",
+    "run_benchmark": "cluster.bench.runner",
+    "RequestSpec": "cluster.bench.workload",
+    "Workload": "cluster.bench.workload",
+    "build_workload": "cluster.bench.workload",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

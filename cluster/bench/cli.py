@@ -14,20 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cluster.bench.client import list_models
-from cluster.bench.metrics import SLO, RequestRecord
-from cluster.bench.report import plot_cdfs, plot_timeline, render
-from cluster.bench.runner import BenchConfig, BenchResult, run_benchmark
-from cluster.bench.workload import (
-    DEFAULT_TOKEN_ID_RANGE,
-    RequestSpec,
-    build_workload,
-    parse_token_id_range,
-    token_id_range_from_tokenizer,
-)
-
+# The run's modules (aiohttp, numpy, matplotlib) are imported when a run starts, not when
+# ``kvpilot`` builds its parser.
+DEFAULT_TOKEN_ID_RANGE_TEXT = "16:480"  # cluster.bench.workload.DEFAULT_TOKEN_ID_RANGE
 EXIT_OK, EXIT_FAILED_REQUESTS = 0, 1
 WARMUP_SEED_OFFSET = 7919  # warm-up prompts come from another seed: they must not prime the prefix cache
 
@@ -63,8 +53,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--prompt-format", choices=["token-ids", "text"],
                    help="token-id prompts (exact lengths; default for completions) or text (chat)")
-    p.add_argument("--token-id-range", help=f"LO:HI ids for token-id prompts (default "
-                                            f"{DEFAULT_TOKEN_ID_RANGE[0]}:{DEFAULT_TOKEN_ID_RANGE[1]})")
+    p.add_argument("--token-id-range", help=f"LO:HI ids for token-id prompts (default {DEFAULT_TOKEN_ID_RANGE_TEXT})")
     p.add_argument("--tokenizer", help="take the token-id range from this tokenizer (a local dir or hub id)")
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="do not send ignore_eos (outputs may end early)")
@@ -96,6 +85,8 @@ def _percentiles(text: str) -> tuple[float, ...]:
 
 def _server_model(ns: argparse.Namespace) -> tuple[str, int | None]:
     """The model to request and its max_model_len, from the flags and GET /v1/models."""
+    from cluster.bench.client import list_models
+
     try:
         models = list_models(ns.url, api_key=ns.api_key)
     except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
@@ -106,11 +97,23 @@ def _server_model(ns: argparse.Namespace) -> tuple[str, int | None]:
     if ns.model and ns.model not in by_id:
         raise ValueError(f"{ns.url} does not serve model {ns.model!r}; it serves {', '.join(map(str, by_id))}")
     model = ns.model or models[0]["id"]
-    return model, ns.max_model_len or by_id[model].get("max_model_len")
+    card = by_id[model]
+    # vLLM and kvpilot: max_model_len; Ray Serve LLM: metadata.max_request_context_length
+    limit = card.get("max_model_len") or (card.get("metadata") or {}).get("max_request_context_length")
+    return model, ns.max_model_len or limit
 
 
-def build_from_args(ns: argparse.Namespace) -> tuple[BenchConfig, Any, list[RequestSpec]]:
-    """Flags → (config, workload, warm-up requests). Raises ValueError naming a bad flag."""
+def build_from_args(ns: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
+    """Flags → (BenchConfig, Workload, warm-up RequestSpecs). Raises ValueError naming a bad flag."""
+    from cluster.bench.metrics import SLO
+    from cluster.bench.runner import BenchConfig
+    from cluster.bench.workload import (
+        DEFAULT_TOKEN_ID_RANGE,
+        build_workload,
+        parse_token_id_range,
+        token_id_range_from_tokenizer,
+    )
+
     if ns.num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {ns.num_requests}")
     if ns.rate is not None:
@@ -133,7 +136,7 @@ def build_from_args(ns: argparse.Namespace) -> tuple[BenchConfig, Any, list[Requ
     workload = build_workload(trace=ns.trace, num_requests=ns.num_requests, offset=ns.trace_offset,
                               input_len=ns.input_len, output_len=ns.output_len, scale_lengths=ns.scale_lengths,
                               block_tokens=ns.hash_block_tokens, seed=ns.seed, **shape)
-    warmup: list[RequestSpec] = []
+    warmup = []
     if ns.warmup > 0:
         reqs = workload.requests
         warm = build_workload(num_requests=ns.warmup, seed=ns.seed + WARMUP_SEED_OFFSET,
@@ -150,7 +153,9 @@ def build_from_args(ns: argparse.Namespace) -> tuple[BenchConfig, Any, list[Requ
     return cfg, workload, warmup
 
 
-def write_plots(result: BenchResult, plot_dir: str | Path, label: str = "") -> list[Path]:
+def write_plots(result: Any, plot_dir: str | Path, label: str = "") -> list[Path]:
+    from cluster.bench.report import plot_cdfs, plot_timeline
+
     d = Path(plot_dir)
     d.mkdir(parents=True, exist_ok=True)
     name = label or result.config.model
@@ -159,6 +164,12 @@ def write_plots(result: BenchResult, plot_dir: str | Path, label: str = "") -> l
 
 
 def run_bench(ns: argparse.Namespace, console: Console) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cluster.bench.metrics import RequestRecord
+    from cluster.bench.report import render
+    from cluster.bench.runner import run_benchmark
+
     cfg, workload, warmup = build_from_args(ns)
     err = Console(stderr=True, soft_wrap=True)
     if workload.scale.factor != 1.0 or workload.scale.clipped:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+import inspect
 import random
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from cluster.config import ModelConfig
 from cluster.planner import Plan, _batched_tokens, plan_model
 from cluster.hardware import get_accelerator
-from cluster.routing import Ledger, PrefixIndex, ReplicaLoad, RoutingRequest, make_policy
+from cluster.routing import POLICIES, Ledger, PrefixIndex, ReplicaLoad, RoutingRequest, make_policy
 from cluster.sim.engine import Replica, SimRequest
 from cluster.sim.metrics import SLO, PolicyResult, summarize
 from cluster.sim.perfmodel import StepModel, step_model_for
@@ -122,6 +123,22 @@ def make_setup(replicas: int = 16, *, max_model_len: int = DEFAULT_MAX_MODEL_LEN
                  seed=seed, slo=slo or SLO(), notes=notes)
 
 
+def _injected(name: str, params: dict | None, setup: Setup, clock: Callable[[], float]) -> dict:
+    """Parameters the simulator supplies to a policy that asks for them in its constructor.
+
+    ``clock``: the simulated time (a live router passes ``time.monotonic``);
+    ``prefill_tokens_per_s``: the replica's prefill speed from the step model.
+    Values the caller gave win.
+    """
+    accepted = inspect.signature(POLICIES[name].__init__).parameters if name in POLICIES else {}
+    out = dict(params or {})
+    if "clock" in accepted:
+        out.setdefault("clock", clock)
+    if "prefill_tokens_per_s" in accepted:
+        out.setdefault("prefill_tokens_per_s", 1e3 / setup.step.c_prefill)
+    return out
+
+
 def simulate(workload: Workload, policy_name: str, setup: Setup, *, policy_params: dict | None = None,
              progress: Callable[[int], None] | None = None) -> tuple[PolicyResult, list[SimRequest],
                                                                      list[Replica]]:
@@ -140,7 +157,9 @@ def simulate(workload: Workload, policy_name: str, setup: Setup, *, policy_param
 def _simulate(workload: Workload, policy_name: str, setup: Setup, policy_params: dict | None,
               progress: Callable[[int], None] | None) -> tuple[PolicyResult, list[SimRequest], list[Replica]]:
     wall0 = time.perf_counter()
-    policy = make_policy(policy_name, policy_params, seed=setup.seed)
+    sim_now = [0.0]
+    policy = make_policy(policy_name, _injected(policy_name, policy_params, setup, lambda: sim_now[0]),
+                         seed=setup.seed)
     n = setup.replicas
     reps = [Replica(i, num_blocks=setup.num_blocks, model=setup.step, block_size=setup.plan.block_size,
                     max_num_batched_tokens=setup.max_num_batched_tokens, max_num_seqs=setup.max_num_seqs)
@@ -188,6 +207,7 @@ def _simulate(workload: Workload, policy_name: str, setup: Setup, policy_params:
             continue
         tr = reqs[ai]
         ai += 1
+        sim_now[0] = tr.arrival_s
         hashes = tr.block_hashes()
         d0 = time.perf_counter()
         rreq = RoutingRequest(prompt_tokens=tr.prompt_tokens, max_tokens=tr.output_tokens, block_hashes=hashes)

@@ -49,7 +49,14 @@ def fuzz_url(tmp_path_factory) -> str:
     keys.write_text(API_KEY + "\n")
     os.chdir(ROOT)
     # address="local": a Ray of its own, never someone else's `ray start` cluster on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # on a loaded machine the GCS can miss its start-up deadline
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -127,8 +127,10 @@ def test_ingress_section_defaults_and_values():
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    ({"ingress": {"requests_per_minute": 0}}, "args.ingress.requests_per_minute: 0: Input should be greater than or equal to 1"),
-    ({"ingress": {"max_body_bytes": 10}}, "args.ingress.max_body_bytes: 10: Input should be greater than or equal to 1024"),
+    ({"ingress": {"requests_per_minute": 0}},
+     "args.ingress.requests_per_minute: 0: Input should be greater than or equal to 1"),
+    ({"ingress": {"max_body_bytes": 10}},
+     "args.ingress.max_body_bytes: 10: Input should be greater than or equal to 1024"),
     ({"ingress": {"auth": "maybe"}}, "args.ingress.auth: 'maybe': Input should be 'auto', 'required' or 'off'"),
     ({"ingress": {"auth": "off", "api_keys_file": "/k"}}, "args.ingress.api_keys_file: '/k' is set but auth is off"),
     ({"ingress": {"replica_retries": 9}}, "args.ingress.replica_retries: 9: Input should be less than or equal to 5"),
