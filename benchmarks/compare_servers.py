@@ -185,8 +185,9 @@ class Server:
         env.pop("RAY_ADDRESS", None)  # never join someone else's cluster
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=self.log_path.open("w"),
-                                     stderr=subprocess.STDOUT, start_new_session=True,
+        log = self.log_path.open("a")  # append: a retried start keeps the failed one's log
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True,
                                      # a shell's background job ignores SIGINT, and children inherit
                                      # that; stop() needs SIGINT to reach serve run's clean shutdown
                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -594,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--rate", type=float, help="Poisson rate (default: --rate-fraction × bare vLLM's closed-loop req/s)")
+    p.add_argument("--rate", type=float,
+                   help="Poisson rate (default: --rate-fraction × bare vLLM's closed-loop req/s)")
     p.add_argument("--rate-fraction", type=float, default=0.85)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-model-len", type=int, default=2048)
@@ -606,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--print-venv-commands", action="store_true")
     p.add_argument("--profile", action="store_true", help="py-spy kvpilot's and bare vLLM's processes afterwards")
     p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--scratch-dir", help="server logs, generated configs, py-spy stacks (default /tmp/kvpilot-compare-TIME)")
+    p.add_argument("--scratch-dir",
+                   help="server logs, generated configs, py-spy stacks (default /tmp/kvpilot-compare-TIME)")
     p.add_argument("--slo-ttft", type=float, default=2.0)
     p.add_argument("--slo-tpot", type=float, default=0.2)
     ns = p.parse_args(argv)
@@ -686,11 +689,12 @@ def main(argv: list[str] | None = None) -> int:
         if "poisson" in wanted:
             rate = ns.rate
             if rate is None:
+                ref = BASELINE if BASELINE in names else names[0]
                 base = [r["summary"]["request_throughput"] for r in report["runs"]
-                        if r["scenario"] == closed.name and r["server"] == (BASELINE if BASELINE in names else names[0])]
+                        if r["scenario"] == closed.name and r["server"] == ref]
                 rate = round(ns.rate_fraction * statistics.median(base), 1)
-                log(f"saturation (closed loop, median req/s of {BASELINE if BASELINE in names else names[0]}): "
-                    f"{statistics.median(base):.1f}; Poisson rate {rate} req/s")
+                log(f"saturation (closed loop, median req/s of {ref}): {statistics.median(base):.1f}; "
+                    f"Poisson rate {rate} req/s")
             report["poisson_rate"] = rate
             sc = Scenario(f"Poisson {rate:g} req/s ({ns.num_requests} req, {ns.input_len} in / {ns.output_len} out)",
                           "rate", ns.num_requests, ns.input_len, ns.output_len, rate=rate)

@@ -15,6 +15,7 @@ seconds until two replicas serve again; and engine processes the dead replica le
 
     .venv/bin/python benchmarks/fault_kill.py                       # 3 rounds, actor kills
     .venv/bin/python benchmarks/fault_kill.py --target engine --rounds 2
+    .venv/bin/python benchmarks/fault_kill.py --target actor,engine --rounds 2
 """
 
 from __future__ import annotations
@@ -143,13 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=8, help="per replica: the rest wait in Serve's queue")
     p.add_argument("--kill-after", type=int, default=8, help="kill once this many streams have a first chunk")
-    p.add_argument("--target", choices=("actor", "engine"), default="actor")
+    p.add_argument("--target", default="actor", help="actor, engine, or both comma-separated (alternating)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--stream-timeout", type=float, default=300.0, help="a stream not ended by then counts as hung")
     p.add_argument("--recover-timeout", type=float, default=600.0)
     p.add_argument("--num-cpus", type=int, default=4)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ns = p.parse_args(argv)
+    targets = ns.target.split(",")
+    if not set(targets) <= {"actor", "engine"}:
+        p.error(f"--target {ns.target}: choose actor, engine or actor,engine")
 
     stack = LocalStack({"models": [tiny_model(MODEL, 2, max_num_seqs=ns.max_num_seqs)]}, num_cpus=ns.num_cpus)
     started = time.monotonic()
@@ -158,14 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     rounds = []
     try:
         for i in range(ns.rounds):
-            r = one_round(stack, ns.streams, ns.max_tokens, ns.kill_after, ns.target, ns.stream_timeout,
-                          ns.recover_timeout)
-            rounds.append(r)
-            print(f"round {i + 1}: {json.dumps(r)}", flush=True)
+            for target in targets:
+                r = one_round(stack, ns.streams, ns.max_tokens, ns.kill_after, target, ns.stream_timeout,
+                              ns.recover_timeout)
+                rounds.append(r)
+                print(f"round {i + 1} ({target}): {json.dumps(r)}", flush=True)
     finally:
         stack.stop()
     ns.out.mkdir(parents=True, exist_ok=True)
-    path = ns.out / f"fault-kill-{ns.target}-{datetime.now():%Y%m%d-%H%M%S}.json"
+    path = ns.out / f"fault-kill-{'-'.join(targets)}-{datetime.now():%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(ns).items()}, "rounds": rounds,
                                 "load_average": os.getloadavg()}, indent=2))
     print(f"wrote {path}")

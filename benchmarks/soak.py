@@ -61,15 +61,23 @@ def _request(rng: random.Random, model: str, max_tokens: int) -> tuple[str, dict
     return "/v1/chat/completions", {**common, "messages": [{"role": "user", "content": prompt}]}, auth
 
 
+def _refusal(status: int, body: bytes) -> str:
+    """``http_<status>_<OpenAI error code>``, e.g. ``http_503_model_overloaded``."""
+    try:
+        code = json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        code = "not_openai_error"
+    return f"http_{status}_{code}"
+
+
 async def _send(http: httpx.AsyncClient, url: str, path: str, body: dict, headers: dict) -> tuple[str, float]:
-    """Outcome kind ("ok", "http_<code>", "stream_error", "exception_<name>") and latency."""
+    """Outcome kind ("ok", "http_<status>_<code>", "stream_error", "exception_<name>") and latency."""
     started = time.monotonic()
     try:
         if body.get("stream"):
             async with http.stream("POST", url + path, json=body, headers=headers) as r:
                 if r.status_code != 200:
-                    await r.aread()
-                    return f"http_{r.status_code}", time.monotonic() - started
+                    return _refusal(r.status_code, await r.aread()), time.monotonic() - started
                 done = error = False
                 async for line in r.aiter_lines():
                     if line == "data: [DONE]":
@@ -79,7 +87,7 @@ async def _send(http: httpx.AsyncClient, url: str, path: str, body: dict, header
                 kind = "ok" if done and not error else "stream_error"
                 return kind, time.monotonic() - started
         r = await http.post(url + path, json=body, headers=headers)
-        return ("ok" if r.status_code == 200 else f"http_{r.status_code}"), time.monotonic() - started
+        return ("ok" if r.status_code == 200 else _refusal(r.status_code, r.content)), time.monotonic() - started
     except Exception as e:
         return f"exception_{type(e).__name__}", time.monotonic() - started
 
@@ -124,8 +132,8 @@ async def soak(stack: LocalStack, model: str, rate: float, minutes: float, sampl
 
     async def one(http: httpx.AsyncClient, path: str, body: dict, headers: dict) -> None:
         kind, latency = await _send(http, stack.url, path, body, headers)
-        expected_refusal = (body.get("max_tokens") == "many" and kind == "http_400") or \
-            (headers.get("Authorization", "").endswith("wrong-key-00000000") and kind == "http_401")
+        expected_refusal = (body.get("max_tokens") == "many" and kind.startswith("http_400")) or \
+            (headers.get("Authorization", "").endswith("wrong-key-00000000") and kind.startswith("http_401"))
         outcomes["refused_as_expected" if expected_refusal else kind] += 1
         slot = int((time.monotonic() - started) // interval_s)
         if kind == "ok":

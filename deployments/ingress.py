@@ -170,6 +170,19 @@ def _replica_lost(e: BaseException) -> bool:
     return False
 
 
+def _engine_refusal(e: BaseException) -> str | None:
+    """vLLM's message when it refused the request itself (``VLLMValidationError``), else None."""
+    cur: BaseException | None = e
+    for _ in range(4):
+        if cur is None:
+            return None
+        if any(c.__name__ == "VLLMValidationError" for c in type(cur).__mro__):
+            cause = getattr(cur, "cause", None)
+            return str(cause if cause is not None else cur)
+        cur = getattr(cur, "cause", None) or cur.__cause__
+    return None
+
+
 def _has_lone_surrogate(body: Any) -> bool:
     stack = [body]
     while stack:  # iterative: a body nested to JSON's limit would overflow a recursive walk
@@ -521,6 +534,10 @@ class Ingress:
         try:
             stream, first = await self._submit(gen_req, admission)
         except Exception as e:  # the replicas failed before the engine answered
+            refusal = _engine_refusal(e)
+            if refusal is not None:  # a check of vLLM's that the schema does not repeat
+                return self._refuse(model, _Refused(400, f"the engine refused the request: {_clip(refusal)}", None,
+                                                    "engine_refused"))
             logger.exception("request %s failed at its replica", request_id)
             return self._refuse(model, _Refused(503, f"model {model} is unavailable: {type(e).__name__}", None,
                                                 "model_unavailable", "server_error"))

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_N = 16  # choices per request: each is a full sequence in the engine
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+GREEDY_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS: below it vLLM samples greedily and allows only n = 1
 
 
 class StreamOptions(BaseModel):
@@ -35,6 +36,14 @@ class _OpenAIRequest(BaseModel):
     user: str | None = None
     # vLLM extension, used by benchmarks to force fixed-length outputs.
     ignore_eos: bool = False
+
+    @field_validator("n")
+    @classmethod
+    def _one_greedy_choice(cls, v: int, info: ValidationInfo) -> int:
+        temperature = info.data.get("temperature")  # validated before n: declared first
+        if v > 1 and temperature is not None and temperature < GREEDY_TEMPERATURE:
+            raise ValueError("n must be 1 when temperature is 0: greedy sampling has one answer")
+        return v
 
     @field_validator("stop")
     @classmethod

@@ -44,7 +44,8 @@ def render(result: dict[str, Any], console: Console) -> None:
     slo = s["slo"]
     t.add_row(f"goodput (TTFT ≤ {slo['ttft_s']:g} s, TPOT ≤ {slo['tpot_s'] * 1000:g} ms)",
               f"{s['goodput']:.2f} req/s ({s['slo_attainment']:.1%} of requests)")
-    t.add_row("tokens: prompt / output / cached", f"{s['prompt_tokens']:,} / {s['output_tokens']:,} / {s['cached_tokens']:,}")
+    t.add_row("tokens: prompt / output / cached",
+              f"{s['prompt_tokens']:,} / {s['output_tokens']:,} / {s['cached_tokens']:,}")
     if s["tokens_per_chunk"] is not None:
         t.add_row("output tokens per streamed chunk", f"{s['tokens_per_chunk']:.2f}")
     console.print(t)

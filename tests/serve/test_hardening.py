@@ -161,6 +161,8 @@ def test_prompt_and_max_tokens_bounds_per_model(guarded):
     assert err["param"] == "prompt" and "at most 200" in err["message"]
     r = _complete(guarded, "limits", max_tokens=801)
     assert _openai_error(r, 400, "max_tokens_too_large")["param"] == "max_tokens"
+    r = _complete(guarded, "limits", max_tokens=2, n=2, temperature=0)  # vLLM refuses n > 1 when greedy (fuzz find)
+    assert _openai_error(r, 400, "value_error")["param"] == "n"
 
 
 def test_queue_bound_per_model_gives_503_then_frees_on_disconnect(guarded):
@@ -395,6 +397,19 @@ def test_which_failures_count_as_a_lost_replica():
     assert _replica_lost(RayTaskError("generate", "tb", ActorDiedError()))
     assert not _replica_lost(RayTaskError("generate", "tb", ValueError("bad request")).as_instanceof_cause())
     assert not _replica_lost(ValueError("bad request"))
+
+
+def test_vllm_validation_errors_become_400_not_503():
+    from ray.exceptions import RayTaskError
+
+    from deployments.ingress import _engine_refusal
+
+    class VLLMValidationError(ValueError):  # vLLM's name; the ingress does not import vLLM
+        pass
+
+    refused = RayTaskError("generate", "tb", VLLMValidationError("n must be 1 when using greedy sampling, got 4."))
+    assert _engine_refusal(refused.as_instanceof_cause()) == "n must be 1 when using greedy sampling, got 4."
+    assert _engine_refusal(RayTaskError("generate", "tb", ValueError("engine bug")).as_instanceof_cause()) is None
 
 
 def test_lone_surrogates_are_found_anywhere_in_a_body():
