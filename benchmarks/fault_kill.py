@@ -8,10 +8,12 @@ of them are streaming, one replica is killed:
 * ``--target engine``: SIGKILL of the replica's vLLM EngineCore process (the actor lives on,
   its engine is dead: Serve's health check has to find it).
 
-Per round it reports the streams that completed, failed cleanly (an OpenAI error: an error
-event then ``data: [DONE]`` mid-stream, or an error object), failed uncleanly, or hung (no end
-within ``--stream-timeout``); whether every stream not yet streaming at the kill completed; the
-seconds until two replicas serve again; and engine processes the dead replica left behind.
+Per round it reports the streams that completed, failed mid-stream (tokens, then an error
+event and ``data: [DONE]``), failed before streaming (an error before any token: what the
+ingress's resubmission must prevent), failed uncleanly (no OpenAI error or no ``[DONE]``), or
+hung (no end within ``--stream-timeout``); the seconds until two replicas serve again; and
+engine processes the dead replica left behind. Exit status 1 if any stream hung, failed
+uncleanly or failed before streaming.
 
     .venv/bin/python benchmarks/fault_kill.py                       # 3 rounds, actor kills
     .venv/bin/python benchmarks/fault_kill.py --target engine --rounds 2
@@ -44,7 +46,9 @@ MODEL = "tiny"
 class Stream:
     first_chunk_at: float | None = None
     ended_at: float | None = None
-    result: str = "hung"  # completed | failed_clean | failed_unclean | hung
+    # completed | failed_mid_stream (tokens, then an error event and [DONE]) | failed_before_streaming
+    # (an OpenAI error before any token: what resubmission must prevent) | failed_unclean | hung
+    result: str = "hung"
 
 
 async def one_stream(http: httpx.AsyncClient, url: str, i: int, out: Stream, max_tokens: int,
@@ -59,9 +63,10 @@ async def one_stream(http: httpx.AsyncClient, url: str, i: int, out: Stream, max
                     clean = set(json.loads(text)["error"]) == {"message", "type", "param", "code"}
                 except (ValueError, KeyError, TypeError):
                     clean = False
-                out.result = "failed_clean" if clean else "failed_unclean"
+                out.result = "failed_before_streaming" if clean else "failed_unclean"
                 return
             done = error = False
+            tokens = 0
             async for line in r.aiter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -71,7 +76,14 @@ async def one_stream(http: httpx.AsyncClient, url: str, i: int, out: Stream, max
                     done = True
                 elif "error" in json.loads(data):
                     error = True
-            out.result = ("completed" if not error else "failed_clean") if done else "failed_unclean"
+                else:
+                    tokens += 1
+            if not done:
+                out.result = "failed_unclean"
+            elif error:
+                out.result = "failed_mid_stream" if tokens else "failed_before_streaming"
+            else:
+                out.result = "completed"
     except httpx.TimeoutException:
         out.result = "hung"
     except httpx.HTTPError:
@@ -113,7 +125,9 @@ def one_round(stack: LocalStack, n: int, max_tokens: int, kill_after: int, targe
             await asyncio.wait(tasks, timeout=stream_timeout + 30)
 
     asyncio.run(main())
-    counts = {k: sum(s.result == k for s in streams) for k in ("completed", "failed_clean", "failed_unclean", "hung")}
+    kinds = ("completed", "failed_mid_stream", "failed_before_streaming", "failed_unclean", "hung")
+    counts = {k: sum(s.result == k for s in streams) for k in kinds}
+    # Client-side view (racy: a chunk may be sent before the kill and read after it), for context only.
     waiting = [s for s in streams if s.first_chunk_at is None or s.first_chunk_at > killed_at]
     streams_done = max((s.ended_at or 0) for s in streams) - killed_at
 
@@ -130,8 +144,8 @@ def one_round(stack: LocalStack, n: int, max_tokens: int, kill_after: int, targe
     orphans = [pid for pid in cores if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     return {
         "target": target, "streams": n, "max_tokens": max_tokens, "kill_after_streaming": kill_after, **counts,
-        "not_yet_streaming_at_kill": len(waiting),
-        "not_yet_streaming_completed": sum(s.result == "completed" for s in waiting),
+        "first_chunk_read_after_kill": len(waiting),
+        "first_chunk_read_after_kill_completed": sum(s.result == "completed" for s in waiting),
         "seconds_until_streams_ended": round(streams_done, 1),
         "seconds_until_two_replicas_serve": None if took is None else round(time.monotonic() - killed_at, 1),
         "orphaned_engine_processes": len(orphans),
@@ -174,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(ns).items()}, "rounds": rounds,
                                 "load_average": os.getloadavg()}, indent=2))
     print(f"wrote {path}")
-    bad = [r for r in rounds if r["hung"] or r["not_yet_streaming_completed"] != r["not_yet_streaming_at_kill"]]
+    bad = [r for r in rounds if r["hung"] or r["failed_before_streaming"] or r["failed_unclean"]]
     return 1 if bad else 0
 
 

@@ -326,39 +326,35 @@ class KVPilot(Policy):
         self._seen: dict[str, float] = {}  # replica -> when _owed was last drained
         self._mine: dict[str, int] = {}  # replica -> ledger tokens (prompt + budget) this policy routed there
 
-    def _queue(self, r: ReplicaLoad, now: float) -> float:
-        rid = r.replica_id
-        owed = self._owed.get(rid, 0.0)
-        if owed:
-            owed = max(0.0, owed - self.drain_rate * (now - self._seen[rid]))
-            if r.requests_in_flight == 0:
-                owed = 0.0
-            owed = min(owed, float(r.tokens_in_flight))
-            self._owed[rid] = owed
-        self._seen[rid] = now
-        mine = self._mine.get(rid, 0)
-        if mine > r.tokens_in_flight:  # requests finished: the ledger is the truth
-            mine = self._mine[rid] = r.tokens_in_flight
-        return owed + self.load_weight * (r.tokens_in_flight - mine)
-
     def rank(self, req, replicas):
         now = self.clock()
-        bt = self.block_tokens
+        prompt, bt = req.prompt_tokens, self.block_tokens
+        owed_of, seen, mine_of, drain = self._owed, self._seen, self._mine, self.drain_rate
+        kv_high, lw, rand = self.kv_high, self.load_weight, self.rng.random
         scored = []
         for r in replicas:
-            cached = min(req.prompt_tokens - 1, r.cached_blocks * bt) if r.cached_blocks else 0
-            uncached = req.prompt_tokens - cached
-            c = uncached + self._queue(r, now)
-            if r.kv_capacity_tokens:
-                after = max(r.kv_cache_usage, r.tokens_in_flight / r.kv_capacity_tokens)
-                after += (uncached + req.max_tokens) / r.kv_capacity_tokens
-                if after > self.kv_high:
-                    c += self.kv_penalty_tokens * (after - self.kv_high)
-            scored.append((c, r.requests_in_flight, self.rng.random(), r.replica_id, uncached))
+            rid, tif = r.replica_id, r.tokens_in_flight
+            # prefill this policy queued there, drained since it last looked; bounded by the ledger
+            owed = owed_of.get(rid, 0.0)
+            if owed:
+                owed -= drain * (now - seen[rid])
+                owed = owed_of[rid] = 0.0 if owed <= 0 or not r.requests_in_flight else min(owed, tif)
+            seen[rid] = now
+            mine = mine_of.get(rid, 0)
+            if mine > tif:  # requests finished: the ledger is the truth
+                mine = mine_of[rid] = tif
+            uncached = prompt - min(prompt - 1, r.cached_blocks * bt) if r.cached_blocks else prompt
+            c = uncached + owed + lw * (tif - mine)
+            cap = r.kv_capacity_tokens
+            if cap:
+                after = max(r.kv_cache_usage, tif / cap) + (uncached + req.max_tokens) / cap
+                if after > kv_high:
+                    c += self.kv_penalty_tokens * (after - kv_high)
+            scored.append((c, r.requests_in_flight, rand(), rid, uncached))
         scored.sort()
         _, _, _, rid, uncached = scored[0]
-        self._owed[rid] = self._owed.get(rid, 0.0) + uncached
-        self._mine[rid] = self._mine.get(rid, 0) + req.prompt_tokens + req.max_tokens
+        owed_of[rid] = owed_of.get(rid, 0.0) + uncached
+        mine_of[rid] = mine_of.get(rid, 0) + prompt + req.max_tokens
         return [s[3] for s in scored]
 
 
