@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import socket
@@ -606,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-venv", default="/tmp/bench-venv")
     p.add_argument("--bench-venv-recipe", choices=["light", "reference"], default="light")
     p.add_argument("--print-venv-commands", action="store_true")
+    p.add_argument("--report-only", metavar="RESULTS_JSON",
+                   help="rewrite results.md (and the medians and goals) from a run's results.json; run nothing")
     p.add_argument("--profile", action="store_true", help="py-spy kvpilot's and bare vLLM's processes afterwards")
     p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--scratch-dir",
@@ -617,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
 
+    if ns.report_only:
+        write_report(json.loads(Path(ns.report_only).read_text()), Path(ns.report_only).parent)
+        return 0
     venv = Path(ns.bench_venv)
     if ns.print_venv_commands:
         for cmd in venv_commands(venv, ns.bench_venv_recipe):
@@ -708,45 +714,50 @@ def main(argv: list[str] | None = None) -> int:
             log(f"stopping {s.name}")
             s.stop()
     report["uptime_end"] = Path("/proc/loadavg").read_text().strip()
+    write_report(report, run_dir)
+    for sc_name in report["medians"]:  # plots: every round of each server pooled
+        tag = re.sub(r"[^a-z0-9.]+", "-", sc_name.split(" (")[0].lower()).strip("-")
+        mine = {srv: v for (sc, srv), v in keep.items() if sc == sc_name}
+        try:
+            plot_cdfs({LABELS[srv]: [r for res in v for r in res.records] for srv, v in mine.items()},
+                      run_dir / f"cdf-{tag}.png", title=sc_name)
+            plot_timeline({LABELS[srv]: v[-1].timeline() for srv, v in mine.items()},
+                          run_dir / f"timeline-{tag}.png", title=f"{sc_name} (last round)")
+        except (OSError, ValueError) as e:
+            log(f"plots of {sc_name} failed: {e}")
+    log(f"results in {run_dir}")
+    return 0
+
+
+def write_report(report: dict[str, Any], run_dir: Path) -> str:
+    """Medians, goals and the markdown table from a run's raw results; writes results.{json,md}."""
+    names = list(report["servers"])
     med = medians(report["runs"])
     report["medians"] = {sc: {srv: {k: v for k, v in m.items() if not k.endswith("(runs)")}
                               for srv, m in by.items()} for sc, by in med.items()}
     report["goals"] = goals(med)
-    md = table_markdown(med, names)
-    (run_dir / "results.json").write_text(json.dumps(report, indent=2, default=str))
-    for sc_name in med:  # plots: every round of each server pooled
-        tag = sc_name.split(" (")[0].replace(" ", "-").lower()
-        mine = {srv: v for (sc, srv), v in keep.items() if sc == sc_name}
-        plot_cdfs({LABELS[srv]: [r for res in v for r in res.records] for srv, v in mine.items()},
-                  run_dir / f"cdf-{tag}.png", title=sc_name)
-        plot_timeline({LABELS[srv]: v[-1].timeline() for srv, v in mine.items()},
-                      run_dir / f"timeline-{tag}.png", title=f"{sc_name} (last round)")
-    header = (f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
-              f"{report['machine']['memory_gib']} GiB; load average at start {report['uptime_start']}, at end "
-              f"{report['uptime_end']}. Engine: {engine.model_dir.name} as {engine.dtype}, max_model_len "
-              f"{engine.max_model_len}, max_num_seqs {engine.max_num_seqs}, KV cache "
-              f"{engine.kv_cache_bytes / 2**30:g} GiB. Medians of {ns.rounds} alternated rounds.\n\n")
+    e, m = report["engine"], report["machine"]
+    rounds = max((r["round"] for r in report["runs"]), default=-1) + 1
+    header = (f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, shared with other jobs; "
+              f"/proc/loadavg at start {report['uptime_start']}, at end {report.get('uptime_end', '?')} (the "
+              f"`load` of each run is in results.json). Engine: {Path(e['model_dir']).name} as {e['dtype']}, "
+              f"max_model_len {e['max_model_len']}, max_num_seqs {e['max_num_seqs']}, KV cache "
+              f"{e['kv_cache_bytes'] / 2**30:g} GiB, prefix caching on, TP=1. Medians of {rounds} alternated "
+              "rounds.\n\n")
     verdict = {True: "MET", False: "NOT MET", None: "context"}
     goal_lines = "\n".join(f"- {verdict[g['met']]}: {g['goal']} "
                            f"({g.get('value', g.get('value_ms'))}{' ms' if 'value_ms' in g else ''})"
                            for g in report["goals"])
-    (run_dir / "results.json").write_text(json.dumps(report, indent=2, default=str))
     prof_md = ""
     for name, prof in report.get("profile", {}).items():
         prof_md += (f"\n{LABELS[name]}, CPU seconds per 1,000 output tokens by process "
                     f"({prof['run']['output_tok_s']:,.0f} tok/s in that run): "
                     + ", ".join(f"{k} {v:.2f}" for k, v in prof["cpu_s_per_1k_tokens"].items() if v >= 0.01) + "\n")
-    (run_dir / "results.md").write_text(header + md + "\n\nGoals:\n" + goal_lines + "\n" + prof_md)
-    print("\n" + header + md + "\nGoals:\n" + goal_lines)
-    if "profile" in report:
-        for name, prof in report["profile"].items():
-            print(f"\n{name}: CPU s per 1k output tokens by process: {prof['cpu_s_per_1k_tokens']}")
-            for role, spy in prof["py_spy"].items():
-                print(f"  py-spy {role}: {spy['samples']} samples; top self time:")
-                for f, c, pct in spy["self"][:8]:
-                    print(f"    {pct:5.1f}%  {f}")
-    log(f"results in {run_dir}")
-    return 0
+    text = header + table_markdown(med, names) + "\n\nGoals:\n" + goal_lines + "\n" + prof_md
+    (run_dir / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    (run_dir / "results.md").write_text(text)
+    print("\n" + text)
+    return text
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ def _policy_params(items: list[str], policies: list[str]) -> dict[str, dict[str,
         name, dot, param = key.partition(".")
         if not (sep and dot and param):
             raise ValueError(f"--set: {item!r} is not POLICY.PARAM=VALUE")
+        if param in ("clock", "seed"):
+            raise ValueError(f"--set: {param!r} is set by the simulator (use --seed for the seed)")
         if name not in policies:
             raise ValueError(f"--set: {name!r} is not among --policies ({', '.join(policies)})")
         try:
@@ -171,11 +173,13 @@ def write_plot(results: list[PolicyResult], workload: Workload, setup: Setup, pa
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    colors = {r.policy: f"C{i % 10}" for i, r in enumerate(results)}
     for r in results:
         xs = r.ttft_samples
         if xs:
             ys = [(i + 1) / len(xs) for i in range(len(xs))]
-            ax1.plot([max(x, 1e-3) for x in xs], ys, label=r.policy, lw=1.4)
+            ax1.plot([max(x, 1e-3) for x in xs], ys, label=r.policy, color=colors[r.policy],
+                     lw=2.2 if r.policy == "kvpilot" else 1.3)
     ax1.axvline(setup.slo.ttft_s, color="grey", ls="--", lw=1)
     ax1.set_xscale("log")
     ax1.set_xlabel("TTFT (s)")
@@ -184,7 +188,7 @@ def write_plot(results: list[PolicyResult], workload: Workload, setup: Setup, pa
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
     names = [r.policy for r in results]
-    ax2.bar(names, [r.goodput_rps for r in results], color="tab:blue")
+    ax2.bar(names, [r.goodput_rps for r in results], color=[colors[n] for n in names])
     ax2.set_ylabel("goodput (req/s)")
     ax2.set_title(f"goodput (TTFT ≤ {setup.slo.ttft_s:g} s, TPOT ≤ {setup.slo.tpot_s:g} s)")
     ax2.tick_params(axis="x", rotation=45)
