@@ -35,7 +35,7 @@ prometheus:
 	  else echo "prometheus not installed (needs root and apt-get): the dashboard test will skip"; fi; }
 
 test: setup
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -rfE --durations=30 tests
 
 test-unit: setup
 	$(BIN)/pytest -q tests/unit

@@ -21,7 +21,8 @@ RAY_PREFIX = "ray_"
 
 # Latency buckets, seconds: sub-10 ms ITL on small models up to minutes of queueing.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Ray refuses a histogram boundary <= 0, so "no match at all" is the le="0.01" bucket.
+RATIO_BUCKETS = (0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,18 @@ class Metric:
     description: str
     labels: tuple[str, ...]
     buckets: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.name + self.description).isascii():  # Ray's Cython layer encodes them as ASCII
+            raise ValueError(f"{self.name}: name and description must be ASCII")
+        # Checked here, not when the first value is recorded in a live router: Ray's Histogram
+        # raises on a boundary <= 0, and there that error failed the request being routed.
+        if self.kind == "histogram":
+            b = self.buckets or ()
+            if not b or b[0] <= 0 or any(x >= y for x, y in zip(b, b[1:])):
+                raise ValueError(f"{self.name}: buckets {b} must be positive and strictly increasing")
+        elif self.buckets is not None:
+            raise ValueError(f"{self.name}: only a histogram has buckets, not a {self.kind}")
 
 
 def exported_name(m: Metric, series: str = "") -> str:
@@ -75,7 +88,7 @@ _GPU = ("model", "replica", "gpu")
 GPU_MEMORY_USED = Metric("kvpilot_gpu_memory_used_bytes", "gauge", "GPU memory in use (NVML).", _GPU)
 GPU_MEMORY_TOTAL = Metric("kvpilot_gpu_memory_total_bytes", "gauge", "GPU memory in total (NVML).", _GPU)
 GPU_KV_CACHE_BYTES = Metric(
-    "kvpilot_gpu_kv_cache_used_bytes", "gauge", "KV cache bytes in use on the GPU (usage × planned KV bytes).", _GPU
+    "kvpilot_gpu_kv_cache_used_bytes", "gauge", "KV cache bytes in use on the GPU (usage x planned KV bytes).", _GPU
 )
 
 # --- router (in the ingress process) -----------------------------------------
