@@ -46,6 +46,8 @@ class ScalingInput:
     kv_capacity_tokens: int  # per replica, from the planner
     min_replicas: int
     max_replicas: int
+    # Replicas already asked for, starting ones included (Ray's ``target_num_replicas``); None: current_replicas.
+    target_replicas: int | None = None
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,16 @@ class Decision:
 
 
 def decide(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState) -> tuple[Decision, ScalerState]:
-    """Desired replica count, its reason, and the state to carry to the next call."""
+    """Desired replica count, its reason, and the state to carry to the next call.
+
+    ``current_replicas`` counts the replicas that serve (and report); replicas still
+    starting (``target_replicas`` above it) are kept unless a downscale removes one,
+    and sustained pressure adds no replica while one is starting: what it asked for is
+    on its way (without this, a "steady" answer of the serving count would cancel the
+    replica a pressure decision had just started).
+    """
     now, cur = inp.now_s, inp.current_replicas
+    have = max(cur, inp.target_replicas if inp.target_replicas is not None else cur)
     cap = max(1, inp.kv_capacity_tokens)
     used = sum(r.kv_cache_usage for r in inp.replicas) * cap
     running = sum(r.num_running for r in inp.replicas)
@@ -100,24 +110,27 @@ def decide(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState) -> tup
         if inp.queued_requests > 0 or busy:
             return out("scale_from_zero", max(1, by_kv), f"scale from zero: {inp.queued_requests:.0f} requests waiting", low_since=None)
         return out("idle_at_zero", 0, "idle at zero replicas")
-    if by_kv > cur:
+    if by_kv > have:
         return out("kv_demand", by_kv, f"KV demand {predicted:,.0f} tokens (growing {slope:,.0f}/s over a {cfg.startup_s:.0f} s "
                           f"start-up) exceeds {cfg.target_kv_usage:.0%} of {cur} replicas' capacity", low_since=None)
     if st.pressure_since is not None and now - st.pressure_since >= cfg.upscale_sustained_s:
+        if have > cur:
+            return out("pressure_starting", have, f"sustained pressure for {now - st.pressure_since:.0f} s; "
+                       f"{have - cur} replica(s) already starting", low_since=None)
         return out("sustained_pressure", cur + 1, f"sustained pressure for {now - st.pressure_since:.0f} s: max KV usage "
                             f"{max(r.kv_cache_usage for r in inp.replicas):.0%}, {waiting:.0f} waiting",
                    low_since=None, pressure_since=now)
     if inp.min_replicas == 0 and st.idle_since is not None and now - st.idle_since >= cfg.idle_to_zero_s:
         return out("scale_to_zero", 0, f"no traffic for {now - st.idle_since:.0f} s: scale to zero", low_since=None)
     floor = max(by_kv, 1)
-    if floor < cur and not pressured:
+    if floor < have and not pressured:
         low_since = state.low_since if state.low_since is not None else now
         if now - low_since >= cfg.downscale_delay_s:
-            return out("downscale", cur - 1, f"demand fits {floor} replica(s) at {cfg.target_kv_usage:.0%} KV for "
+            return out("downscale", have - 1, f"demand fits {floor} replica(s) at {cfg.target_kv_usage:.0%} KV for "
                                 f"{now - low_since:.0f} s: remove one", low_since=now)
-        return out("downscale_pending", cur, f"demand fits {floor} replica(s); waiting {cfg.downscale_delay_s - (now - low_since):.0f} s "
+        return out("downscale_pending", have, f"demand fits {floor} replica(s); waiting {cfg.downscale_delay_s - (now - low_since):.0f} s "
                         "more before scaling down", low_since=low_since)
-    return out("steady", cur, "steady: demand fits the current replicas", low_since=None)
+    return out("steady", have, "steady: demand fits the current replicas", low_since=None)
 
 
 def _since(start: float | None, now: float) -> float:

@@ -57,6 +57,7 @@ class KVPilotAutoscaler:
             kv_capacity_tokens=self._capacity,
             min_replicas=self._bounds[0],
             max_replicas=self._bounds[1],
+            target_replicas=getattr(ctx, "target_num_replicas", None),
         )
         decision, state = decide(inp, self._cfg, state)
         self._rec.set(M.AUTOSCALER_CURRENT, ctx.current_num_replicas)

@@ -16,12 +16,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cluster.routing import POLICIES
+from cluster.sim.autoscale import (AUTOSCALERS, DEFAULT_PERIOD_S, LOAD_BYTES_PER_S, TUNED, WARMUP_S, AutoscaleResult,
+                                   default_startup_s, simulate_autoscale)
 from cluster.sim.metrics import DEFAULT_TPOT_SLO_S, DEFAULT_TTFT_SLO_S, SLO, PolicyResult
 from cluster.sim.perfmodel import HBM_BYTES_PER_S
 from cluster.sim.simulator import DEFAULT_MAX_MODEL_LEN, DEFAULT_STATS_PERIOD_S, Setup, make_setup, simulate
 from cluster.sim.workload import Workload, load_trace
 
 PROGRESS_MIN_REQUESTS = 2000  # below this a run takes about a second: no bar
+# Autoscale defaults, chosen for the Azure conversation trace at --time-scale 2 (11 req/s, 29 min):
+# demand there needs 2-3 replicas in the troughs and 5 at the peak (fixed 5: 99.9% SLO, fixed 4: 86%);
+# 4 replicas are ready at t = 0 (what the first minutes need), 12 at most.
+AUTOSCALE_MIN, AUTOSCALE_MAX, AUTOSCALE_INITIAL = 2, 12, 4
 
 
 def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,10 +55,26 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                    help="a policy parameter, e.g. kvpilot.kv_high=0.85 (repeatable)")
     p.add_argument("--json", action="store_true", help="print results as JSON (no table, no plot unless --plot)")
     p.add_argument("--plot", help="PNG path (default without --json: sim-<trace>.png)")
+    a = p.add_argument_group("autoscaling (--autoscale)")
+    a.add_argument("--autoscale", action="store_true",
+                   help="compare autoscalers instead of routing policies: the replica count changes over time")
+    a.add_argument("--autoscalers", default=",".join(AUTOSCALERS), help="comma-separated; default: all")
+    a.add_argument("--min-replicas", type=int, default=AUTOSCALE_MIN, help=f"default {AUTOSCALE_MIN}")
+    a.add_argument("--max-replicas", type=int, default=AUTOSCALE_MAX, help=f"default {AUTOSCALE_MAX}")
+    a.add_argument("--initial-replicas", type=int, default=AUTOSCALE_INITIAL,
+                   help=f"ready at t = 0 (default {AUTOSCALE_INITIAL})")
+    a.add_argument("--startup-s", type=float,
+                   help="seconds from asking for a replica to its first request (default: weights / "
+                        f"{LOAD_BYTES_PER_S / 1e9:g} GB/s + {WARMUP_S:g} s warm-up: 133 s for the default model)")
+    a.add_argument("--autoscale-period", type=float, default=DEFAULT_PERIOD_S,
+                   help=f"seconds of simulated time between autoscaler runs (default {DEFAULT_PERIOD_S:g})")
+    a.add_argument("--routing", default="kvpilot", help="routing policy during autoscale runs (default kvpilot)")
+    a.add_argument("--untuned", action="store_true",
+                   help="run the peers on their own defaults instead of their tuned settings")
     return p
 
 
-def _policy_params(items: list[str], policies: list[str]) -> dict[str, dict[str, float]]:
+def _policy_params(items: list[str], policies: list[str], flag: str = "--policies") -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -62,7 +84,7 @@ def _policy_params(items: list[str], policies: list[str]) -> dict[str, dict[str,
         if param in ("clock", "seed"):
             raise ValueError(f"--set: {param!r} is set by the simulator (use --seed for the seed)")
         if name not in policies:
-            raise ValueError(f"--set: {name!r} is not among --policies ({', '.join(policies)})")
+            raise ValueError(f"--set: {name!r} is not among {flag} ({', '.join(policies)})")
         try:
             out.setdefault(name, {})[param] = float(value)
         except ValueError:
@@ -71,6 +93,8 @@ def _policy_params(items: list[str], policies: list[str]) -> dict[str, dict[str,
 
 
 def run_simulate(ns: argparse.Namespace, console: Console) -> int:
+    if ns.autoscale:
+        return run_autoscale(ns, console)
     policies = [p.strip() for p in ns.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
     if not policies or unknown:
@@ -192,6 +216,136 @@ def write_plot(results: list[PolicyResult], workload: Workload, setup: Setup, pa
     ax2.set_ylabel("goodput (req/s)")
     ax2.set_title(f"goodput (TTFT ≤ {setup.slo.ttft_s:g} s, TPOT ≤ {setup.slo.tpot_s:g} s)")
     ax2.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- autoscaling -----------------------------------------------------------
+
+
+def run_autoscale(ns: argparse.Namespace, console: Console) -> int:
+    names = [a.strip() for a in ns.autoscalers.split(",") if a.strip()]
+    unknown = [a for a in names if a not in AUTOSCALERS]
+    if not names or unknown:
+        raise ValueError(f"--autoscalers: {', '.join(unknown) or 'none given'}; choose from {', '.join(AUTOSCALERS)}")
+    if ns.routing not in POLICIES:
+        raise ValueError(f"--routing: {ns.routing!r}; choose from {', '.join(POLICIES)}")
+    if ns.max_requests is not None and ns.max_requests < 1:
+        raise ValueError(f"--max-requests: {ns.max_requests} must be >= 1")
+    if ns.startup_s is not None and ns.startup_s < 0:
+        raise ValueError(f"--startup-s: {ns.startup_s} must be >= 0")
+    params = _policy_params(ns.set, names, "--autoscalers")
+    setup = make_setup(max(1, ns.max_replicas), max_model_len=ns.max_model_len, accelerator=ns.gpu,
+                       tensor_parallel_size=ns.tp, stats_period_s=ns.stats_period, seed=ns.seed,
+                       slo=SLO(ns.ttft_slo, ns.tpot_slo))
+    startup = default_startup_s(setup) if ns.startup_s is None else ns.startup_s
+    workload = load_trace(ns.trace, time_scale=ns.time_scale, max_requests=ns.max_requests,
+                          max_model_len=ns.max_model_len, rate=ns.rate, cv=ns.cv, seed=ns.seed)
+    if not workload.requests:
+        raise ValueError(f"--trace: {ns.trace} holds no requests")
+    err = Console(stderr=True)
+    results = []
+    show = len(workload.requests) >= PROGRESS_MIN_REQUESTS
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=not show) as bar:
+        for name in names:
+            p = {} if ns.untuned else dict(TUNED.get(name, {}))
+            p.update(params.get(name, {}))
+            task = bar.add_task(f"autoscaling {name}", total=len(workload.requests))
+            results.append(simulate_autoscale(
+                workload, name, setup, min_replicas=ns.min_replicas, max_replicas=ns.max_replicas,
+                initial_replicas=ns.initial_replicas, startup_s=startup, period_s=ns.autoscale_period,
+                routing=ns.routing, params=p, progress=lambda done, t=task: bar.update(t, completed=done)))
+            bar.remove_task(task)
+    plot = ns.plot or (None if ns.json else f"autoscale-{Path(ns.trace).stem}.png")
+    if plot:
+        write_autoscale_plot(results, workload, setup, plot)
+    rep = autoscale_report(results, workload, setup, plot, ns)
+    if ns.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        render_autoscale(results, rep, console)
+    return 0
+
+
+def autoscale_report(results: list[AutoscaleResult], workload: Workload, setup: Setup, plot: str | None,
+                     ns: argparse.Namespace) -> dict:
+    r0 = results[0]
+    return {
+        "autoscalers": {r.autoscaler: r.to_dict() for r in results},
+        "autoscale": {"min_replicas": ns.min_replicas, "max_replicas": ns.max_replicas,
+                      "initial_replicas": ns.initial_replicas, "startup_s": r0.startup_s,
+                      "startup_basis": f"weights {setup.plan.per_gpu.weights_bytes * setup.plan.tensor_parallel_size / 1e9:.1f} GB "
+                                       f"/ {LOAD_BYTES_PER_S / 1e9:g} GB/s + {WARMUP_S:g} s warm-up"
+                                       if ns.startup_s is None else "--startup-s",
+                      "period_s": ns.autoscale_period, "routing": ns.routing,
+                      "gpus_per_replica": setup.plan.tensor_parallel_size * setup.plan.pipeline_parallel_size,
+                      "tuned": not ns.untuned},
+        "trace": workload.summary(),
+        "setup": {k: v for k, v in setup.to_dict().items() if k != "replicas"},
+        "plot": plot,
+    }
+
+
+def render_autoscale(results: list[AutoscaleResult], rep: dict, console: Console) -> None:
+    w, a = rep["trace"], rep["autoscale"]
+    console.print(f"{w['name']}: {w['requests']:,} requests over {w['span_s']:.0f} s ({w['rate_rps']} req/s); "
+                  f"replicas {a['min_replicas']}..{a['max_replicas']} ({a['initial_replicas']} at t=0), "
+                  f"{a['gpus_per_replica']} GPUs each, start-up {a['startup_s']:g} s ({a['startup_basis']}), "
+                  f"autoscaler every {a['period_s']:g} s, routing {a['routing']}", highlight=False)
+    ok = [r for r in results if r.serving.slo_attainment >= 0.99]
+    best = min((r.gpu_hours for r in ok), default=None)
+    t = Table(box=box.SIMPLE_HEAD, title="autoscaling (TTFT in s, TPOT in ms; replicas billed: starting, serving, "
+                                         "draining)", title_justify="left")
+    for col in ("autoscaler", "GPU-h", "SLO met", "TTFT p50", "p99", "TPOT p50", "p99", "replicas min", "mean",
+                "max", "scale ups", "downs", "setting"):
+        t.add_column(col, justify="left" if col in ("autoscaler", "setting") else "right")
+    for r in results:
+        s = r.serving
+        mark = (lambda x: f"[bold]{x}[/bold]") if r.gpu_hours == best else (lambda x: x)
+        setting = ", ".join(f"{k}={v:g}" for k, v in sorted(r.setting.items()))
+        t.add_row(mark(r.autoscaler), mark(f"{r.gpu_hours:.2f}"), f"{s.slo_attainment:.2%}", _s(s.ttft_p50_s),
+                  _s(s.ttft_p99_s), f"{s.tpot_p50_s * 1e3:.0f}", f"{s.tpot_p99_s * 1e3:.0f}", str(r.replicas_min),
+                  f"{r.replicas_mean:.2f}", str(r.replicas_max), str(r.scale_ups), str(r.scale_downs),
+                  setting or "defaults")
+    console.print(t, width=max(console.width, 160))
+    console.print(f"  SLO: TTFT ≤ {rep['setup']['slo']['ttft_s']:g} s and TPOT ≤ {rep['setup']['slo']['tpot_s']:g} s; "
+                  "bold: fewest GPU-hours among those with ≥ 99% SLO attainment", highlight=False)
+    for n in w["notes"]:
+        console.print(f"  assumes: {n}", highlight=False)
+    if rep["plot"]:
+        console.print(f"  plot: {rep['plot']}", highlight=False)
+
+
+def write_autoscale_plot(results: list[AutoscaleResult], workload: Workload, setup: Setup, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    for i, r in enumerate(results):
+        xs, ys = [row[0] / 60 for row in r.timeline], [row[1] for row in r.timeline]
+        ax.step(xs, ys, where="post", color=f"C{i % 10}", lw=2.2 if r.autoscaler == "kvpilot" else 1.3,
+                label=f"{r.autoscaler}: {r.gpu_hours:.2f} GPU-h, {r.serving.slo_attainment:.1%} SLO")
+    ax.set_xlabel("time (min)")
+    ax.set_ylabel("replicas (billed: starting, serving, draining)")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    bucket = 30.0
+    arr = [q.arrival_s for q in workload.requests]
+    n = int(max(arr) // bucket) + 1 if arr else 0
+    counts = [0] * n
+    for t in arr:
+        counts[int(t // bucket)] += 1
+    ax2.plot([(k + 0.5) * bucket / 60 for k in range(n)], [c / bucket for c in counts], color="grey", ls=":",
+             lw=1.2, label="offered load")
+    ax2.set_ylabel(f"offered requests/s ({bucket:g} s bins)")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
+    ax.set_title(f"replica count over time: {workload.name}, start-up {results[0].startup_s:g} s")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
