@@ -309,7 +309,7 @@ def render_autoscale(results: list[AutoscaleResult], rep: dict, console: Console
                   _s(s.ttft_p99_s), f"{s.tpot_p50_s * 1e3:.0f}", f"{s.tpot_p99_s * 1e3:.0f}", str(r.replicas_min),
                   f"{r.replicas_mean:.2f}", str(r.replicas_max), str(r.scale_ups), str(r.scale_downs),
                   setting or "defaults")
-    console.print(t, width=max(console.width, 160))
+    Console(width=max(console.width, 170), file=console.file, soft_wrap=True).print(t)
     console.print(f"  SLO: TTFT ≤ {rep['setup']['slo']['ttft_s']:g} s and TPOT ≤ {rep['setup']['slo']['tpot_s']:g} s; "
                   "bold: fewest GPU-hours among those with ≥ 99% SLO attainment", highlight=False)
     for n in w["notes"]:
