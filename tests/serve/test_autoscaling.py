@@ -60,25 +60,29 @@ def test_scale_from_zero_up_on_kv_pressure_and_back_down(url):
     assert r.usage.completion_tokens == 4
     print(f"cold start answered after {time.monotonic() - t0:.0f} s")
 
-    # A burst of long requests fills the ~10k-token KV cache: a second replica starts.
-    async def burst():
-        aclient = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    # Waves of long requests keep the ~10k-token KV cache full: a second replica starts while
+    # the pressure lasts (a replica takes ~45 s to start on this machine, longer than one wave).
+    async def wave(aclient):
         return await asyncio.gather(*(
             aclient.completions.create(model=MODEL, prompt=[7 + i] * 300, max_tokens=600,
                                        extra_body={"ignore_eos": True})
             for i in range(24)))
 
-    async def burst_and_watch():
-        task = asyncio.create_task(burst())
-        peak = 1
-        while not task.done():
-            peak = max(peak, _running_replicas())
-            await asyncio.sleep(1)
-        return await task, peak
+    async def pressure_until_two_replicas(limit_s: float = 300):
+        aclient = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+        started, waves, peak = time.monotonic(), 0, 1
+        while peak < 2 and time.monotonic() - started < limit_s:
+            task = asyncio.create_task(wave(aclient))
+            while not task.done():
+                peak = max(peak, _running_replicas())
+                await asyncio.sleep(1)
+            results = await task
+            assert all(r.usage.completion_tokens == 600 for r in results)  # nothing lost while scaling
+            waves += 1
+        return peak, waves, time.monotonic() - started
 
-    results, peak = asyncio.run(burst_and_watch())
-    assert all(r.usage.completion_tokens == 600 for r in results)
-    if peak < 2:  # the new replica may still be loading when the burst ends
-        _wait_for(2, 180)
+    peak, waves, took = asyncio.run(pressure_until_two_replicas())
+    assert peak == 2, f"no second replica after {waves} waves in {took:.0f} s of KV pressure"
+    print(f"second replica running after {took:.0f} s ({waves} waves of 24 long requests)")
     # Idle: back to one after the downscale delay, then to zero.
     print(f"back to 1 replica after {_wait_for(1, 240):.0f} s, to 0 after {_wait_for(0, 240):.0f} s more")
