@@ -1,14 +1,18 @@
 """Micro-benchmark: how long one routing decision takes in the router's own code.
 
-One decision = build a ``ReplicaLoad`` per replica (ledger + last engine report +
-``PrefixIndex.match`` of the prompt's blocks + index size) and ``policy.rank``.
+One decision = the snapshot of the replicas (``cluster.routing.candidates``: ledger +
+last engine reports + ``PrefixIndex.match_all`` of the prompt's blocks + index sizes, in
+columns) and ``policy.rank_columns``, as the simulator and the live router make it.
+Hashing the prompt's blocks (``block_hashes``, once per request, before any decision and
+reused if Ray retries it) is timed apart, on random token ids.
 Setup: 64 replicas, each prefix index filled to a Llama-2-70B AWQ replica's
 capacity (22,089 blocks), a 512-token system prompt cached everywhere, and an
 8k-token prompt (512 blocks) whose first 4k tokens one replica holds.
 
     .venv/bin/python benchmarks/sim_router_decision.py [--replicas 64] [--prompt-tokens 8192] [--n 3000]
 
-Prints p50/p99 in microseconds of the whole decision and of each part, per policy.
+Prints p50/p99 in microseconds of the whole decision and of each part, per policy: match is
+the part of snapshot spent in ``match_all``, timed on its own.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.routing import POLICIES, Ledger, PrefixIndex, ReplicaLoad, RoutingRequest, make_policy  # noqa: E402
+from cluster.routing import (  # noqa: E402
+    POLICIES, Ledger, PrefixIndex, RoutingRequest, block_hashes, candidates, make_policy,
+)
 
 KV_BLOCKS = 22_089  # planner: Llama-2-70B AWQ, TP=2, H100-80GB, gpu_memory_utilization 0.92
 SYSTEM_BLOCKS = 32  # a 512-token system prompt every replica has cached
@@ -53,29 +59,26 @@ def setup(n_replicas: int, prompt_tokens: int, rng: random.Random):
     for rid in rids:
         for _ in range(rng.randrange(0, 40)):
             ledger.sent(rid, rng.randrange(500, 20_000))
-    stats = {rid: (rng.random(), rng.randrange(0, 64), rng.randrange(0, 8)) for rid in rids}
+    stats = [(rng.random(), rng.randrange(0, 64), rng.randrange(0, 8)) for _ in rids]
     req = RoutingRequest(prompt_tokens=prompt_tokens, max_tokens=512, block_hashes=hashes)
     return rids, index, ledger, stats, req
 
 
 def decide(policy, rids, index, ledger, stats, req, cap_tokens: int, times: dict[str, list[float]]) -> str:
+    if policy.uses_prefix:  # the match on its own, for the breakdown (the snapshot below does it again)
+        t0 = time.perf_counter_ns()
+        index.match_all(req.block_hashes)
+        times["match"].append((time.perf_counter_ns() - t0) / 1e3)
     t0 = time.perf_counter_ns()
-    matches = [index.match(rid, req.block_hashes) for rid in rids] if policy.uses_prefix else [0] * len(rids)
+    us, nrs, nws = zip(*stats)
+    cands = candidates(rids, ledger, us, nrs, nws, cap_tokens, index if policy.uses_prefix else None,
+                       req.block_hashes, policy.uses_index_blocks)
     t1 = time.perf_counter_ns()
-    loads = []
-    for rid, m in zip(rids, matches):
-        u, nr, nw = stats[rid]
-        loads.append(ReplicaLoad(replica_id=rid, requests_in_flight=ledger.requests.get(rid, 0),
-                                 tokens_in_flight=ledger.tokens.get(rid, 0), kv_cache_usage=u, num_running=nr,
-                                 num_waiting=nw, kv_capacity_tokens=cap_tokens, cached_blocks=m,
-                                 index_blocks=index.size(rid) if policy.uses_prefix else 0))
+    choice = policy.rank_columns(req, cands)[0]
     t2 = time.perf_counter_ns()
-    choice = policy.rank(req, loads)[0]
-    t3 = time.perf_counter_ns()
-    times["match"].append((t1 - t0) / 1e3)
-    times["build"].append((t2 - t1) / 1e3)
-    times["rank"].append((t3 - t2) / 1e3)
-    times["total"].append((t3 - t0) / 1e3)
+    times["snapshot"].append((t1 - t0) / 1e3)
+    times["rank"].append((t2 - t1) / 1e3)
+    times["total"].append((t2 - t0) / 1e3)
     return choice
 
 
@@ -88,21 +91,32 @@ def main() -> int:
     ns = ap.parse_args()
     rng = random.Random(0)
     rids, index, ledger, stats, req = setup(ns.replicas, ns.prompt_tokens, rng)
+    tokens = [rng.randrange(32_000) for _ in range(ns.prompt_tokens)]
+    hash_us = []
+    for _ in range(ns.n // 10 + 20):
+        t0 = time.perf_counter_ns()
+        block_hashes(tokens)
+        hash_us.append((time.perf_counter_ns() - t0) / 1e3)
+    del hash_us[:20]
     print(f"{ns.replicas} replicas, {ns.prompt_tokens}-token prompt ({len(req.block_hashes)} blocks), "
           f"{ns.n} decisions per policy; microseconds")
-    print(f"{'policy':<16}{'total p50':>10}{'p99':>9}{'match p50':>11}{'build p50':>11}{'rank p50':>10}{'rank p99':>10}")
+    print(f"hash, once per request (block_hashes of {ns.prompt_tokens} token ids, not in the decision): "
+          f"p50 {statistics.median(hash_us):.1f}, p99 {_pct(hash_us, 99):.1f}")
+    print(f"{'policy':<16}{'total p50':>10}{'p99':>9}{'match p50':>11}{'snapshot p50':>14}{'rank p50':>10}"
+          f"{'rank p99':>10}")
     for name in ns.policies.split(","):
         clock = [0.0]
         extra = {"clock": lambda: clock[0]} if name == "kvpilot" else None
         policy = make_policy(name, extra, seed=1)
-        times: dict[str, list[float]] = {"match": [], "build": [], "rank": [], "total": []}
+        times: dict[str, list[float]] = {"match": [], "snapshot": [], "rank": [], "total": []}
         for i in range(ns.n + 200):
             clock[0] = i * 0.01
             decide(policy, rids, index, ledger, stats, req, KV_BLOCKS * 16, times)
         for k in times:
             del times[k][:200]  # warm-up
-        print(f"{name:<16}{statistics.median(times['total']):>10.1f}{_pct(times['total'], 99):>9.1f}"
-              f"{statistics.median(times['match']):>11.1f}{statistics.median(times['build']):>11.1f}"
+        match = f"{statistics.median(times['match']):>11.1f}" if times["match"] else f"{'-':>11}"
+        print(f"{name:<16}{statistics.median(times['total']):>10.1f}{_pct(times['total'], 99):>9.1f}{match}"
+              f"{statistics.median(times['snapshot']):>14.1f}"
               f"{statistics.median(times['rank']):>10.1f}{_pct(times['rank'], 99):>10.1f}")
     return 0
 

@@ -27,7 +27,7 @@ class RoutingRequest:
     block_hashes: tuple[int, ...] = ()  # chained hashes of the prompt's full blocks
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ReplicaLoad:
     replica_id: str
     requests_in_flight: int  # this router's own account: sent, not yet finished
@@ -40,15 +40,62 @@ class ReplicaLoad:
     index_blocks: int = 0  # blocks the prefix index believes the replica holds
 
 
+@dataclass(slots=True)
+class Candidates:
+    """The same snapshot as a list of ``ReplicaLoad``, in columns: entry i of each describes ``replica_id[i]``.
+
+    What the simulator and the live router build per decision (``candidates``): a
+    few list comprehensions instead of an object per replica. Policies read it and
+    keep no reference to it.
+    """
+
+    replica_id: Sequence[str]
+    requests_in_flight: Sequence[int]
+    tokens_in_flight: Sequence[int]
+    kv_cache_usage: Sequence[float]
+    num_running: Sequence[int]
+    num_waiting: Sequence[int]
+    kv_capacity_tokens: Sequence[int]
+    cached_blocks: Sequence[int]
+    index_blocks: Sequence[int]
+
+    @classmethod
+    def of(cls, replicas: Sequence[ReplicaLoad]) -> Candidates:
+        return cls(*([getattr(r, f) for r in replicas] for f in _LOAD_FIELDS))
+
+    def rows(self) -> list[ReplicaLoad]:
+        return [ReplicaLoad(*row) for row in zip(*(getattr(self, f) for f in _LOAD_FIELDS))]
+
+    def __len__(self) -> int:
+        return len(self.replica_id)
+
+
+_LOAD_FIELDS = tuple(ReplicaLoad.__dataclass_fields__)
+
+
 class PrefixIndex:
     """Which replica holds which prompt blocks, approximately, in bounded memory.
 
     One LRU of chained block hashes per replica, each capped at that replica's
     KV capacity in blocks (vLLM evicts its least recently used free blocks the
-    same way), and all together capped at ``max_blocks``: at most
-    ``max_blocks`` entries of one int key each, about 100 bytes per entry in
-    CPython, so the default bound (1M blocks) is about 100 MB. A replica that
-    dies is forgotten at once (``remove_replica``).
+    same way), and all together capped at ``max_blocks`` entries. Beside the
+    LRUs, one dict maps each block hash to a bitmask of the replicas holding
+    it (a bit per replica), so the match of every replica comes from a few
+    dict lookups (``match_all``) instead of a walk per replica.
+
+    A request's blocks are recorded last block first, so within a replica an
+    earlier block of a chain is always at least as recent as a later one and is
+    evicted after it (vLLM frees a request's tail blocks first, too). Hashes are
+    chained (a block's hash fixes its whole prefix), so the blocks of a prompt a
+    replica holds are always a leading run, and the match is found by binary
+    search over the prompt's blocks.
+
+    Memory, measured in CPython 3.11: about 200 bytes per entry (one replica
+    holding one block: its LRU entry and key, and the hash's bitmask entry)
+    when no two replicas share a block, about 140 when all 64 share them (one
+    bitmask per distinct hash); at most ``max_blocks`` entries, so the default
+    bound (1M blocks) is at most about 200 MB. A replica that dies is forgotten
+    at once (``remove_replica``, O(its blocks)).
     """
 
     def __init__(self, max_blocks: int = 1_000_000, block_tokens: int = BLOCK_TOKENS):
@@ -57,40 +104,143 @@ class PrefixIndex:
         self._lru: dict[str, OrderedDict[int, None]] = {}
         self._cap: dict[str, int] = {}
         self._total = 0
+        self._holders: dict[int, int] = {}  # block hash -> bitmask of the replicas holding it
+        self._bit: dict[str, int] = {}  # replica -> its bit (1 << slot)
+        self._slots: list[str | None] = []  # slot -> replica (None: free)
+        self._decoded: dict[int, tuple[str, ...]] = {}  # memo: bitmask -> replicas, cleared when slots change
+
+    def _replica(self, replica_id: str) -> OrderedDict[int, None]:
+        lru = self._lru.get(replica_id)
+        if lru is None:
+            lru = self._lru[replica_id] = OrderedDict()
+            try:
+                slot = self._slots.index(None)
+                self._slots[slot] = replica_id
+            except ValueError:
+                slot = len(self._slots)
+                self._slots.append(replica_id)
+            self._bit[replica_id] = 1 << slot
+            self._decoded.clear()
+        return lru
 
     def set_capacity(self, replica_id: str, capacity_blocks: int) -> None:
         self._cap[replica_id] = max(1, capacity_blocks)
-        self._lru.setdefault(replica_id, OrderedDict())
+        self._replica(replica_id)
         self._evict(replica_id)
 
     def match(self, replica_id: str, block_hashes: Sequence[int]) -> int:
         """Leading blocks of ``block_hashes`` the replica holds (chained hashes: the first miss ends it)."""
-        lru = self._lru.get(replica_id)
-        if not lru:
+        bit = self._bit.get(replica_id)
+        n = len(block_hashes)
+        if bit is None or not n:
             return 0
-        n = 0
-        for h in block_hashes:
-            if h not in lru:
-                break
-            n += 1
-        return n
+        get = self._holders.get
+        if not get(block_hashes[0], 0) & bit:
+            return 0
+        if get(block_hashes[-1], 0) & bit:
+            return n
+        lo, hi = 0, n - 1  # held at lo, not at hi
+        while hi - lo > 1:
+            mid = (lo + hi) >> 1
+            if get(block_hashes[mid], 0) & bit:
+                lo = mid
+            else:
+                hi = mid
+        return hi
+
+    def match_all(self, block_hashes: Sequence[int]) -> dict[str, int]:
+        """``match`` of every replica at once, only those with a match: {replica: leading blocks held}.
+
+        O(k log n) dict lookups for a prompt of n blocks whose matches take k distinct lengths.
+        """
+        n = len(block_hashes)
+        if not n:
+            return {}
+        get = self._holders.get
+        cur = get(block_hashes[0], 0)
+        if not cur:
+            return {}
+        out: dict[str, int] = {}
+        decoded = self._decoded
+        lo = 0  # every replica of cur holds blocks 0..lo
+        while cur:
+            if get(block_hashes[-1], 0) & cur == cur:
+                end, nxt = n, 0
+            else:
+                hi = n - 1  # not every replica of cur holds block hi
+                while hi - lo > 1:
+                    mid = (lo + hi) >> 1
+                    if get(block_hashes[mid], 0) & cur == cur:
+                        lo = mid
+                    else:
+                        hi = mid
+                end, nxt = hi, get(block_hashes[hi], 0) & cur
+            gone = cur ^ nxt  # the replicas whose match ends at block `end`
+            ids = decoded.get(gone)
+            if ids is None:
+                ids = decoded[gone] = self._decode(gone)
+            if len(ids) == 1:
+                out[ids[0]] = end
+            else:
+                out.update(dict.fromkeys(ids, end))
+            cur, lo = nxt, end
+        return out
+
+    def _decode(self, mask: int) -> tuple[str, ...]:
+        if len(self._decoded) > 4096:
+            self._decoded.clear()
+        slots, ids = self._slots, []
+        while mask:
+            low = mask & -mask
+            ids.append(slots[low.bit_length() - 1])
+            mask ^= low
+        return tuple(ids)
 
     def insert(self, replica_id: str, block_hashes: Iterable[int]) -> None:
-        lru = self._lru.setdefault(replica_id, OrderedDict())
-        for h in block_hashes:
+        """Record that the replica now holds these blocks (one prompt's chain, in prompt order)."""
+        lru = self._replica(replica_id)
+        bit = self._bit[replica_id]
+        holders = self._holders
+        if not isinstance(block_hashes, Sequence):
+            block_hashes = list(block_hashes)
+        added = 0
+        for h in reversed(block_hashes):  # last block first: the head of a chain ends most recent
             if h in lru:
                 lru.move_to_end(h)
             else:
                 lru[h] = None
-                self._total += 1
+                holders[h] = holders.get(h, 0) | bit
+                added += 1
+        self._total += added
         self._evict(replica_id)
 
     def size(self, replica_id: str) -> int:
         return len(self._lru.get(replica_id, ()))
 
+    def sizes(self, replica_ids: Iterable[str]) -> list[int]:
+        """``size`` of each replica, in order."""
+        lrus = self._lru
+        try:
+            return list(map(len, map(lrus.__getitem__, replica_ids)))
+        except KeyError:
+            return [len(lrus[r]) if r in lrus else 0 for r in replica_ids]
+
     def remove_replica(self, replica_id: str) -> None:
-        self._total -= len(self._lru.pop(replica_id, ()))
+        lru = self._lru.pop(replica_id, None)
         self._cap.pop(replica_id, None)
+        if lru is None:
+            return
+        self._total -= len(lru)
+        bit = self._bit.pop(replica_id)
+        keep, holders = ~bit, self._holders
+        for h in lru:
+            m = holders[h] & keep
+            if m:
+                holders[h] = m
+            else:
+                del holders[h]
+        self._slots[bit.bit_length() - 1] = None
+        self._decoded.clear()
 
     def replicas(self) -> list[str]:
         return list(self._lru)
@@ -98,27 +248,57 @@ class PrefixIndex:
     def __len__(self) -> int:
         return self._total
 
+    def _pop_oldest(self, replica_id: str, lru: OrderedDict[int, None]) -> None:
+        h, _ = lru.popitem(last=False)
+        m = self._holders[h] & ~self._bit[replica_id]
+        if m:
+            self._holders[h] = m
+        else:
+            del self._holders[h]
+        self._total -= 1
+
     def _evict(self, replica_id: str) -> None:
         lru = self._lru[replica_id]
         cap = self._cap.get(replica_id)
         while cap is not None and len(lru) > cap:
-            lru.popitem(last=False)
-            self._total -= 1
+            self._pop_oldest(replica_id, lru)
         while self._total > self.max_blocks:
             # Over the global bound: trim the largest replica's oldest entries.
-            victim = max(self._lru.values(), key=len)
-            victim.popitem(last=False)
-            self._total -= 1
+            victim = max(self._lru, key=lambda r: len(self._lru[r]))
+            self._pop_oldest(victim, self._lru[victim])
 
 
 def block_hashes(token_ids: Sequence[int], block_tokens: int = BLOCK_TOKENS, parent: int = 0) -> tuple[int, ...]:
     """Chained hashes of the full blocks of a token sequence, as vLLM's prefix cache keys them."""
     out = []
-    h = parent
-    for start in range(0, len(token_ids) - block_tokens + 1, block_tokens):
-        h = hash((h, tuple(token_ids[start : start + block_tokens])))
-        out.append(h)
+    append, h = out.append, parent
+    for block in zip(*[iter(token_ids)] * block_tokens):  # the full blocks, as tuples, sliced in C
+        h = hash((h, block))
+        append(h)
     return tuple(out)
+
+
+def candidates(replica_ids: Sequence[str], ledger: Ledger, kv_cache_usage: Sequence[float],
+               num_running: Sequence[int], num_waiting: Sequence[int], kv_capacity_tokens: int | Sequence[int],
+               index: PrefixIndex | None = None, block_hashes: Sequence[int] = (),
+               index_blocks: bool = True) -> Candidates:
+    """The snapshot a policy ranks: the ledger's and the prefix index's columns beside the engines' last reports.
+
+    ``index`` None (a policy that does not use the prefix index): no cached or index blocks;
+    ``index_blocks`` False (``Policy.uses_index_blocks``): index blocks left 0, sparing a column.
+    """
+    n = len(replica_ids)
+    zeros = [0] * n
+    caps = [kv_capacity_tokens] * n if isinstance(kv_capacity_tokens, int) else kv_capacity_tokens
+    if index is None:
+        cached = sizes = zeros
+    else:
+        m = index.match_all(block_hashes) if block_hashes else None
+        cached = list(map(m.get, replica_ids, zeros)) if m else zeros
+        sizes = index.sizes(replica_ids) if index_blocks else zeros
+    return Candidates(replica_ids, list(map(ledger.requests.get, replica_ids, zeros)),
+                      list(map(ledger.tokens.get, replica_ids, zeros)), kv_cache_usage, num_running, num_waiting,
+                      caps, cached, sizes)
 
 
 # --- policies ------------------------------------------------------------
@@ -129,12 +309,17 @@ class Policy:
 
     name = ""
     uses_prefix = False  # whether the router should maintain the prefix index for it
+    uses_index_blocks = False  # whether it reads ReplicaLoad.index_blocks (else the snapshot leaves them 0)
 
     def __init__(self, seed: int = 0):
         self.rng = random.Random(seed)
 
     def rank(self, req: RoutingRequest, replicas: Sequence[ReplicaLoad]) -> list[str]:
         raise NotImplementedError
+
+    def rank_columns(self, req: RoutingRequest, cands: Candidates) -> list[str]:
+        """``rank`` over the snapshot in columns (what the simulator and the live router call)."""
+        return self.rank(req, cands.rows())
 
 
 def _by(replicas: Sequence[ReplicaLoad], key: Callable[[ReplicaLoad], Any]) -> list[str]:
@@ -248,6 +433,7 @@ class SGLang(Policy):
 
     name = "sglang"
     uses_prefix = True
+    uses_index_blocks = True
 
     def __init__(self, seed: int = 0, balance_abs_threshold: int = 64, balance_rel_threshold: float = 1.5,
                  cache_threshold: float = 0.3):
@@ -325,37 +511,86 @@ class KVPilot(Policy):
         self._owed: dict[str, float] = {}  # replica -> uncached prompt tokens queued for prefill
         self._seen: dict[str, float] = {}  # replica -> when _owed was last drained
         self._mine: dict[str, int] = {}  # replica -> ledger tokens (prompt + budget) this policy routed there
+        self._ids: list[str] | None = None  # the candidates the lists below follow (the dicts hold the rest)
+        self._a_owed: list[float] = []
+        self._a_seen: list[float] = []
+        self._a_mine: list[int] = []
 
     def rank(self, req, replicas):
+        return self.rank_columns(req, Candidates.of(replicas))
+
+    def _align(self, ids: list[str]) -> None:
+        """Move the per-replica state into lists in the order of ``ids`` (the dicts keep the rest)."""
+        if self._ids is not None:
+            for rid, o, s, m in zip(self._ids, self._a_owed, self._a_seen, self._a_mine):
+                self._owed[rid], self._seen[rid], self._mine[rid] = o, s, m
+        self._ids = ids
+        self._a_owed = [self._owed.get(r, 0.0) for r in ids]
+        self._a_seen = [self._seen.get(r, 0.0) for r in ids]
+        self._a_mine = [self._mine.get(r, 0) for r in ids]
+
+    def rank_columns(self, req, cands):
+        # Column-wise, one list comprehension per term, over state kept in the candidates' order
+        # while they stay the same replicas in the same order (always, in the simulator).
+        ids = cands.replica_id
+        key = ids if type(ids) is list else list(ids)
+        if key != self._ids:
+            self._align(key if key is not ids else list(ids))
+        n = len(ids)
         now = self.clock()
-        prompt, bt = req.prompt_tokens, self.block_tokens
-        owed_of, seen, mine_of, drain = self._owed, self._seen, self._mine, self.drain_rate
-        kv_high, lw, rand = self.kv_high, self.load_weight, self.rng.random
-        scored = []
-        for r in replicas:
-            rid, tif = r.replica_id, r.tokens_in_flight
+        prompt, max_tokens = req.prompt_tokens, req.max_tokens
+        rifs, tifs = cands.requests_in_flight, cands.tokens_in_flight
+        owed, mine = self._a_owed, self._a_mine
+        if any(owed):
             # prefill this policy queued there, drained since it last looked; bounded by the ledger
-            owed = owed_of.get(rid, 0.0)
-            if owed:
-                owed -= drain * (now - seen[rid])
-                owed = owed_of[rid] = 0.0 if owed <= 0 or not r.requests_in_flight else min(owed, tif)
-            seen[rid] = now
-            mine = mine_of.get(rid, 0)
-            if mine > tif:  # requests finished: the ledger is the truth
-                mine = mine_of[rid] = tif
-            uncached = prompt - min(prompt - 1, r.cached_blocks * bt) if r.cached_blocks else prompt
-            c = uncached + owed + lw * (tif - mine)
-            cap = r.kv_capacity_tokens
-            if cap:
-                after = max(r.kv_cache_usage, tif / cap) + (uncached + req.max_tokens) / cap
-                if after > kv_high:
-                    c += self.kv_penalty_tokens * (after - kv_high)
-            scored.append((c, r.requests_in_flight, rand(), rid, uncached))
-        scored.sort()
-        _, _, _, rid, uncached = scored[0]
-        owed_of[rid] = owed_of.get(rid, 0.0) + uncached
-        mine_of[rid] = mine_of.get(rid, 0) + prompt + req.max_tokens
-        return [s[3] for s in scored]
+            drain = self.drain_rate
+            owed = [(0.0 if (x := o - drain * (now - s)) <= 0 or not r else (t if t < x else x)) if o else o
+                    for o, s, r, t in zip(owed, self._a_seen, rifs, tifs)]
+        seen = [now] * n
+        mine = [t if m > t else m for m, t in zip(mine, tifs)]  # requests finished: the ledger is the truth
+        cached = cands.cached_blocks
+        if any(cached):
+            bt, pm1 = self.block_tokens, prompt - 1
+            if prompt > 0:  # no cached blocks: prompt - min(prompt - 1, 0) is the prompt already
+                unc = [prompt - (x if (x := cb * bt) < pm1 else pm1) for cb in cached]
+            else:
+                unc = [prompt - (x if (x := cb * bt) < pm1 else pm1) if cb else prompt for cb in cached]
+        else:
+            unc = [prompt] * n
+        lw = self.load_weight
+        cost = [u + o + lw * (t - m) for u, o, t, m in zip(unc, owed, tifs, mine)]
+        caps = cands.kv_capacity_tokens
+        cap_hi = max(caps) if n else 0
+        if cap_hi:
+            kv_high, kvp, usages = self.kv_high, self.kv_penalty_tokens, cands.kv_cache_usage
+            if cap_hi == min(caps):
+                cap = cap_hi
+                # after ≤ this bound for every replica (rounding is monotone): skip the column when it is safe
+                if max(max(usages), max(tifs) / cap) + (prompt + max_tokens) / cap > kv_high:
+                    cost = [x + kvp * (a - kv_high)
+                            if (a := (q if (q := t / cap) > u else u) + (un + max_tokens) / cap) > kv_high else x
+                            for x, u, t, un in zip(cost, usages, tifs, unc)]
+            else:
+                cost = [x + kvp * (a - kv_high)
+                        if cap and (a := (q if (q := t / cap) > u else u) + (un + max_tokens) / cap) > kv_high else x
+                        for x, u, t, un, cap in zip(cost, usages, tifs, unc, caps)]
+        if len(set(cost)) == n:
+            # No two costs equal: the order is by cost alone. The tie-break draws are still taken
+            # (getrandbits(64 n) advances the generator exactly as n random() calls), so the
+            # generator's state, and every later decision, is the same as with the tuple sort below.
+            self.rng.getrandbits(64 * n)
+            ranked = sorted(range(n), key=cost.__getitem__)
+            b = ranked[0]
+            ranked = [ids[i] for i in ranked]
+        else:
+            rand = self.rng.random
+            keys = sorted(zip(cost, rifs, [rand() for _ in range(n)], ids))
+            ranked = [k[3] for k in keys]
+            b = ids.index(ranked[0])
+        owed[b] = owed[b] + unc[b]
+        mine[b] = mine[b] + prompt + max_tokens
+        self._a_owed, self._a_seen, self._a_mine = owed, seen, mine
+        return ranked
 
 
 POLICIES: dict[str, type[Policy]] = {

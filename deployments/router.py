@@ -21,7 +21,7 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from cluster import metrics as M
-from cluster.routing import Ledger, PrefixIndex, ReplicaLoad, RoutingRequest, block_hashes, make_policy
+from cluster.routing import Candidates, Ledger, PrefixIndex, RoutingRequest, block_hashes, candidates, make_policy
 from deployments.protocol import GenerationRequest
 from deployments.telemetry import Recorder
 
@@ -58,19 +58,16 @@ class KVPilotRouter(RequestRouter):
             self._pending[rid] = req
         return req
 
-    def _load(self, replica: RunningReplica, req: RoutingRequest) -> ReplicaLoad:
-        uid = replica.replica_id.unique_id
-        stats = replica.routing_stats or {}
-        return ReplicaLoad(
-            replica_id=uid,
-            requests_in_flight=self._ledger.requests.get(uid, 0),
-            tokens_in_flight=self._ledger.tokens.get(uid, 0),
-            kv_cache_usage=float(stats.get("kv_cache_usage", 0.0)),
-            num_running=int(stats.get("num_running", 0)),
-            num_waiting=int(stats.get("num_waiting", 0)),
-            kv_capacity_tokens=self._capacity,
-            cached_blocks=self._index.match(uid, req.block_hashes) if req.block_hashes else 0,
-            index_blocks=self._index.size(uid),
+    def _candidates(self, replicas: list[RunningReplica], req: RoutingRequest) -> Candidates:
+        ids = [r.replica_id.unique_id for r in replicas]
+        stats = [r.routing_stats or {} for r in replicas]
+        return candidates(
+            ids, self._ledger,
+            kv_cache_usage=[float(s.get("kv_cache_usage", 0.0)) for s in stats],
+            num_running=[int(s.get("num_running", 0)) for s in stats],
+            num_waiting=[int(s.get("num_waiting", 0)) for s in stats],
+            kv_capacity_tokens=self._capacity, index=self._index, block_hashes=req.block_hashes,
+            index_blocks=self._policy.uses_index_blocks,
         )
 
     async def choose_replicas(
@@ -81,7 +78,7 @@ class KVPilotRouter(RequestRouter):
         started = time.perf_counter()
         req = self._routing_request(pending_request)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        ranked = self._policy.rank(req, [self._load(r, req) for r in candidate_replicas])
+        ranked = self._policy.rank_columns(req, self._candidates(candidate_replicas, req))
         self._rec.observe(M.ROUTER_DECISION_SECONDS, time.perf_counter() - started)
         return [[by_id[uid]] for uid in ranked]
 

@@ -1,6 +1,7 @@
 """The cluster loop: N simulated vLLM replicas behind one router running a ``cluster.routing`` policy.
 
-Per request, at its arrival, the router builds a ``ReplicaLoad`` per replica from
+Per request, at its arrival, the router builds its snapshot of the replicas
+(``cluster.routing.candidates``: a column per ``ReplicaLoad`` field) from
 
 * its own ``Ledger`` (requests and prompt + output tokens sent and not yet seen
   finish; updated at send and at finish, never stale),
@@ -11,7 +12,7 @@ Per request, at its arrival, the router builds a ``ReplicaLoad`` per replica fro
   replica holds (the request's blocks are inserted on the chosen replica at
   routing time; capacity per replica = the planner's KV blocks),
 
-and sends it to ``policy.rank(...)[0]``. Time advances event by event: arrivals,
+and sends it to ``policy.rank_columns(...)[0]``. Time advances event by event: arrivals,
 engine step ends, stats reports.
 """
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from cluster.config import ModelConfig
 from cluster.planner import Plan, _batched_tokens, plan_model
 from cluster.hardware import get_accelerator
-from cluster.routing import POLICIES, Ledger, PrefixIndex, ReplicaLoad, RoutingRequest, make_policy
+from cluster.routing import POLICIES, Ledger, PrefixIndex, RoutingRequest, candidates, make_policy
 from cluster.sim.engine import Replica, SimRequest
 from cluster.sim.metrics import SLO, PolicyResult, summarize
 from cluster.sim.perfmodel import StepModel, step_model_for
@@ -211,17 +212,14 @@ def _simulate(workload: Workload, policy_name: str, setup: Setup, policy_params:
         hashes = tr.block_hashes()
         d0 = time.perf_counter()
         rreq = RoutingRequest(prompt_tokens=tr.prompt_tokens, max_tokens=tr.output_tokens, block_hashes=hashes)
-        loads = []
-        for j in range(n):
-            rid = rids[j]
-            u, nr, nw = snaps[j] if period > 0 else (reps[j].usage(), len(reps[j].running), len(reps[j].waiting))
-            loads.append(ReplicaLoad(
-                replica_id=rid, requests_in_flight=ledger.requests.get(rid, 0),
-                tokens_in_flight=ledger.tokens.get(rid, 0), kv_cache_usage=u, num_running=nr, num_waiting=nw,
-                kv_capacity_tokens=cap_tokens,
-                cached_blocks=index.match(rid, hashes) if uses_prefix else 0,
-                index_blocks=index.size(rid) if uses_prefix else 0))
-        choice = policy.rank(rreq, loads)[0]
+        if period > 0:
+            us, nrs, nws = zip(*snaps)
+        else:
+            us = [rep.usage() for rep in reps]
+            nrs, nws = [len(rep.running) for rep in reps], [len(rep.waiting) for rep in reps]
+        cands = candidates(rids, ledger, us, nrs, nws, cap_tokens, index if uses_prefix else None, hashes,
+                           policy.uses_index_blocks)
+        choice = policy.rank_columns(rreq, cands)[0]
         decision_us.append((time.perf_counter() - d0) * 1e6)
         i = int(choice.rsplit("-", 1)[1])
         ledger.sent(choice, tr.prompt_tokens + tr.output_tokens)

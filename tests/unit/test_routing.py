@@ -33,8 +33,8 @@ def test_block_hashes_are_chained_and_block_aligned():
 def test_prefix_index_is_bounded_and_forgets_dead_replicas():
     idx = PrefixIndex(max_blocks=100)
     idx.set_capacity("a", 60)
-    idx.insert("a", range(80))
-    assert idx.size("a") == 60 and idx.match("a", [0]) == 0 and idx.match("a", [20, 21]) == 2
+    idx.insert("a", range(80))  # one 80-block chain into 60 blocks: like vLLM, the tail is evicted first
+    assert idx.size("a") == 60 and idx.match("a", range(80)) == 60 and idx.match("a", [60]) == 0
     idx.insert("b", range(1000, 1090))
     assert len(idx) <= 100
     idx.remove_replica("a")
@@ -83,3 +83,156 @@ def test_ledger_tracks_what_is_in_flight():
     assert (led.requests["a"], led.tokens["a"]) == (1, 50)
     led.forget("a")
     assert "a" not in led.requests
+
+
+def _chains(rng, n_chains: int = 12, depth: int = 40) -> list[tuple[int, ...]]:
+    """Prompts that share prefixes, as chained block hashes (a block's hash fixes its whole prefix)."""
+    chains = []
+    for _ in range(n_chains * 3):
+        base = list(rng.choice(chains)[: rng.randrange(0, depth)]) if chains and rng.random() < 0.7 else []
+        ids = [rng.randrange(4) for _ in range(16 * (len(base) + rng.randrange(1, depth)))]
+        chains.append(block_hashes(ids, parent=base[-1] if base else 0) if not base else
+                      tuple(base) + block_hashes(ids[16 * len(base):], parent=base[-1]))
+    return chains
+
+
+def _walk(idx: PrefixIndex, rid: str, hashes) -> int:
+    lru = idx._lru.get(rid, {})
+    n = 0
+    for h in hashes:
+        if h not in lru:
+            break
+        n += 1
+    return n
+
+
+def test_match_all_equals_each_replicas_match_through_inserts_evictions_and_deaths():
+    import random
+
+    rng = random.Random(7)
+    chains = _chains(rng)
+    idx = PrefixIndex(max_blocks=900)
+    rids = [f"r{i}" for i in range(9)]
+    for rid in rids:
+        idx.set_capacity(rid, rng.randrange(40, 200))  # small: constant eviction
+    for step in range(3000):
+        rid = rng.choice(rids)
+        if rng.random() < 0.01:
+            idx.remove_replica(rid)
+            idx.set_capacity(rid, rng.randrange(40, 200))
+        idx.insert(rid, rng.choice(chains))
+        if step % 10 == 0:
+            q = rng.choice(chains)
+            want = {r: m for r in rids if (m := _walk(idx, r, q))}
+            assert idx.match_all(q) == want
+            assert all(idx.match(r, q) == want.get(r, 0) for r in rids)
+    assert len(idx) <= 900 and len(idx) == sum(idx.sizes(rids))
+
+
+def test_a_dead_replicas_blocks_are_gone_from_every_match():
+    idx = PrefixIndex()
+    prompt = block_hashes(list(range(320)))
+    for rid in ("a", "b", "c"):
+        idx.insert(rid, prompt[:10])
+    idx.insert("b", prompt)
+    assert idx.match_all(prompt) == {"a": 10, "b": 20, "c": 10}
+    bit_b = idx._bit["b"]
+    idx.remove_replica("b")
+    assert idx.match_all(prompt) == {"a": 10, "c": 10} and idx.match("b", prompt) == 0
+    assert not any(mask & bit_b for mask in idx._holders.values()) and len(idx) == 20
+    idx.insert("d", prompt[:3])  # takes the dead replica's bit: inherits nothing of it
+    assert idx._bit["d"] == bit_b
+    assert idx.match_all(prompt) == {"a": 10, "c": 10, "d": 3}
+    assert len(idx._holders) == 10
+
+
+class _KVPilotBefore:
+    """KVPilot.rank as it was, one ReplicaLoad at a time: the columnar rank must decide exactly like it."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def rank(self, req, replicas):
+        p, now = self.p, self.p.clock()
+        prompt, bt = req.prompt_tokens, p.block_tokens
+        scored = []
+        for r in replicas:
+            rid, tif = r.replica_id, r.tokens_in_flight
+            owed = p._owed.get(rid, 0.0)
+            if owed:
+                owed -= p.drain_rate * (now - p._seen[rid])
+                owed = p._owed[rid] = 0.0 if owed <= 0 or not r.requests_in_flight else min(owed, tif)
+            p._seen[rid] = now
+            mine = p._mine.get(rid, 0)
+            if mine > tif:
+                mine = p._mine[rid] = tif
+            uncached = prompt - min(prompt - 1, r.cached_blocks * bt) if r.cached_blocks else prompt
+            c = uncached + owed + p.load_weight * (tif - mine)
+            cap = r.kv_capacity_tokens
+            if cap:
+                after = max(r.kv_cache_usage, tif / cap) + (uncached + req.max_tokens) / cap
+                if after > p.kv_high:
+                    c += p.kv_penalty_tokens * (after - p.kv_high)
+            scored.append((c, r.requests_in_flight, p.rng.random(), rid, uncached))
+        scored.sort()
+        _, _, _, rid, uncached = scored[0]
+        p._owed[rid] = p._owed.get(rid, 0.0) + uncached
+        p._mine[rid] = p._mine.get(rid, 0) + prompt + req.max_tokens
+        return [s[3] for s in scored]
+
+
+def test_kvpilot_columns_rank_exactly_as_the_per_replica_rank_did():
+    import random
+
+    from cluster.routing import Candidates
+
+    rng = random.Random(3)
+    clock = [0.0]
+    new = make_policy("kvpilot", {"clock": lambda: clock[0]}, seed=5)
+    old = _KVPilotBefore(make_policy("kvpilot", {"clock": lambda: clock[0]}, seed=5))
+    rids = [f"r{i}" for i in range(12)]
+    ledger = Ledger()
+    for step in range(2000):
+        clock[0] += rng.choice([0.0, 0.01, 0.5, 3.0])
+        for rid in rids:
+            if ledger.requests.get(rid) and rng.random() < 0.2:
+                ledger.finished(rid, rng.randrange(0, 3000))
+        cands = rids if step % 50 else rng.sample(rids, 7)  # sometimes a subset, in another order
+        loads = [ReplicaLoad(r, ledger.requests.get(r, 0), ledger.tokens.get(r, 0),
+                             kv_cache_usage=rng.choice([0.0, 0.5, rng.random()]),
+                             kv_capacity_tokens=rng.choice([40_000, 40_000, 0, 9_000]) if step % 3 else 40_000,
+                             cached_blocks=rng.choice([0, 0, 4, 64, 500])) for r in cands]
+        req = RoutingRequest(rng.choice([1000, 4000, 8192]), rng.choice([0, 256]), ())
+        got = new.rank_columns(req, Candidates.of(loads))
+        assert got == old.rank(req, loads), step
+        ledger.sent(got[0], req.prompt_tokens + req.max_tokens)
+    assert new.rng.random() == old.p.rng.random()
+
+
+def test_candidates_columns_and_rows_are_the_same_snapshot():
+    from cluster.routing import Candidates, candidates
+
+    idx = PrefixIndex()
+    prompt = block_hashes(list(range(160)))
+    idx.insert("b", prompt[:4])
+    led = Ledger()
+    led.sent("a", 700)
+    c = candidates(["a", "b"], led, [0.1, 0.2], [1, 2], [0, 3], 5000, idx, prompt)
+    assert c.rows() == [ReplicaLoad("a", 1, 700, 0.1, 1, 0, 5000, 0, 0), ReplicaLoad("b", 0, 0, 0.2, 2, 3, 5000, 4, 4)]
+    assert Candidates.of(c.rows()) == c
+    for name in POLICIES:  # every policy ranks the columns as it ranks the rows
+        assert make_policy(name, seed=2).rank_columns(RoutingRequest(160, 8, prompt), c) == \
+            make_policy(name, seed=2).rank(RoutingRequest(160, 8, prompt), c.rows())
+
+
+def test_block_hashes_are_the_chained_hash_of_each_full_block():
+    import random
+
+    rng = random.Random(1)
+    for n in (0, 15, 16, 17, 100, 1000):
+        ids = [rng.randrange(32_000) for _ in range(n)]
+        want, h = [], 3
+        for s in range(0, n - 15, 16):
+            h = hash((h, tuple(ids[s:s + 16])))
+            want.append(h)
+        assert block_hashes(ids, parent=3) == tuple(want) == block_hashes(tuple(ids), parent=3)
