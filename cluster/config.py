@@ -167,6 +167,7 @@ class ModelLimits(_Strict):
           max_prompt_tokens: 3072      # longer prompts get 400 prompt_too_long
           max_tokens: 1024             # larger max_tokens gets 400; the default when a request omits it
           max_queued_requests: 256     # in flight at the ingress for this model; beyond: 503 + Retry-After
+          first_token_timeout_s: 900   # no first token by then (no replica ready, queue too long): 503
     """
 
     max_prompt_tokens: int | None = Field(
@@ -181,6 +182,11 @@ class ModelLimits(_Strict):
         default=None, ge=1, le=1_000_000,
         description="Requests in flight at the ingress for this model beyond which new ones get 503; "
         "default: 4 × max_num_seqs × max_replicas.",
+    )
+    first_token_timeout_s: float = Field(
+        default=900.0, gt=0, le=86_400,
+        description="Seconds a request may wait for its first token, including for a replica to start when the "
+        "model is scaled to zero; then 503 + Retry-After. Set it above the model's load time.",
     )
 
 

@@ -101,7 +101,7 @@ ROUTER_PREFIX_MATCH = Metric(
     "(router's index).", ("model", "policy"), RATIO_BUCKETS,
 )
 ROUTER_DECISION_SECONDS = Metric(
-    "kvpilot_router_decision_seconds", "histogram", "Time to rank the replicas for one request.", ("model", "policy"),
+    "kvpilot_router_decision_seconds", "histogram", "Time to choose a replica for one request (hashing its prompt blocks, ranking).", ("model", "policy"),
     (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3),
 )
 ROUTER_TOKENS_IN_FLIGHT = Metric(

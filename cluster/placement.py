@@ -23,6 +23,13 @@ HEALTH_CHECK_PERIOD_S = 10.0
 HEALTH_CHECK_TIMEOUT_S = 60.0
 # Seconds a stopping replica gets to finish the streams in flight and shut its engine down.
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
+# Ray Serve runs a replica's user code on a second event loop in its own thread, and the
+# handle's router on a third, by default; every streamed token then crosses threads twice.
+# kvpilot's code is async throughout (AsyncLLM, the ingress), so it runs on the replica's
+# main loop: on the 2-core CI machine this raised closed-loop throughput ~1.8x
+# (benchmarks/compare_servers.py, README "Overhead"). These are Ray's own switches (its
+# RAY_SERVE_THROUGHPUT_OPTIMIZED mode sets the same two).
+SERVE_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
 def worker_bundles(cfg: ModelConfig) -> list[dict[str, float]]:
@@ -98,13 +105,14 @@ def deployment_options(cfg: ModelConfig, kv_capacity_tokens: int = 0, block_toke
             },
         }
     if get_accelerator(cfg.accelerator).is_gpu:
-        opts["ray_actor_options"] = {"num_cpus": REPLICA_ACTOR_CPUS, "num_gpus": 0}
+        opts["ray_actor_options"] = {"num_cpus": REPLICA_ACTOR_CPUS, "num_gpus": 0,
+                                     "runtime_env": {"env_vars": dict(SERVE_LOOP_ENV)}}
         opts["placement_group_bundles"] = worker_bundles(cfg)
         opts["placement_group_strategy"] = cfg.placement_strategy
     else:
         opts["ray_actor_options"] = {
             "num_cpus": cfg.world_size,
-            "runtime_env": {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": cpu_threads_bind(cfg)}},
+            "runtime_env": {"env_vars": {**SERVE_LOOP_ENV, "VLLM_CPU_OMP_THREADS_BIND": cpu_threads_bind(cfg)}},
         }
     return opts
 

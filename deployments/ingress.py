@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster import metrics as M
 from cluster.config import IngressConfig, ModelConfig
+from cluster.placement import SERVE_LOOP_ENV
 from cluster.security import ANONYMOUS, KeyStore, RateLimiter, bearer_token, load_keys
 from deployments.protocol import (
     ChatCompletionRequest,
@@ -336,7 +337,8 @@ def _openapi_document(app: FastAPI, model_names: list[str], auth: bool) -> dict[
     return doc
 
 
-@serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.deployment(name="ingress", max_ongoing_requests=1000,
+                  ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SERVE_LOOP_ENV}})
 @serve.ingress(api)
 class Ingress:
     """Routes OpenAI requests to the model deployment their ``model`` names."""
@@ -533,6 +535,8 @@ class Ingress:
         gen_req = GenerationRequest(request_id, prompt_ids, max_tokens, logprobs_of(req), sampling_of(req))
         try:
             stream, first = await self._submit(gen_req, admission)
+        except _Refused as e:  # waited too long for a first token
+            return self._refuse(model, e)
         except Exception as e:  # the replicas failed before the engine answered
             refusal = _engine_refusal(e)
             if refusal is not None:  # a check of vLLM's that the schema does not repeat
@@ -570,6 +574,7 @@ class Ingress:
 
     async def _submit(self, gen_req: GenerationRequest, admission: _Admission) -> tuple[Any, dict[str, Any]]:
         """Send the request to a replica and wait for its first event; resubmit while replicas die."""
+        timeout_s = self._limits[admission.model].first_token_timeout_s
         while True:
             attempt = admission.attempts
             admission.attempts += 1
@@ -577,9 +582,16 @@ class Ingress:
                 gen_req, request_id=f"{gen_req.request_id}-retry{attempt}")
             stream = self._handles[admission.model].generate.remote(req)
             try:
-                return stream, await stream.__anext__()
+                # Bounded: at zero replicas Serve holds the request until one starts, however long that takes.
+                return stream, await asyncio.wait_for(stream.__anext__(), timeout_s)
             except StopAsyncIteration:
                 return stream, {"choices": []}
+            except TimeoutError:
+                stream.cancel()
+                raise _Refused(503, f"model {admission.model} produced no first token within "
+                               f"{timeout_s:g} s (no replica ready, or the queue is too long); "
+                               "try again later", None, "first_token_timeout", "server_error",
+                               _retry_after(OVERLOADED_RETRY_AFTER_S)) from None
             except Exception as e:
                 if not _replica_lost(e) or attempt >= self._cfg.replica_retries:
                     raise

@@ -73,10 +73,13 @@ class KVPilotRouter(RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
-        if pending_request is None or len(candidate_replicas) <= 1:
+        if pending_request is None:
             return [candidate_replicas]
-        started = time.perf_counter()
+        started = time.perf_counter()  # the decision's time includes hashing the prompt's blocks
         req = self._routing_request(pending_request)
+        if len(candidate_replicas) <= 1:  # nothing to rank, but the time is still the router's
+            self._rec.observe(M.ROUTER_DECISION_SECONDS, time.perf_counter() - started)
+            return [candidate_replicas]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         ranked = self._policy.rank_columns(req, self._candidates(candidate_replicas, req))
         self._rec.observe(M.ROUTER_DECISION_SECONDS, time.perf_counter() - started)

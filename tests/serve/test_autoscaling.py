@@ -86,3 +86,25 @@ def test_scale_from_zero_up_on_kv_pressure_and_back_down(url):
     print(f"second replica running after {took:.0f} s ({waves} waves of 24 long requests)")
     # Idle: back to one after the downscale delay, then to zero.
     print(f"back to 1 replica after {_wait_for(1, 240):.0f} s, to 0 after {_wait_for(0, 240):.0f} s more")
+
+
+def test_wait_at_zero_replicas_is_bounded(serve_instance):
+    """With scale to zero, a request that gets no first token within limits.first_token_timeout_s
+    (here 1 s, shorter than any engine start) gets a 503 with Retry-After, not an open-ended wait."""
+    import httpx
+
+    args = _args()
+    args["models"][0]["limits"] = {"first_token_timeout_s": 1}
+    deploy(args, "coldbound", "/coldbound")
+    try:
+        t0 = time.monotonic()
+        r = httpx.post(f"{serve_instance}/coldbound/v1/completions", timeout=60,
+                       json={"model": MODEL, "prompt": "hello", "max_tokens": 2})
+        waited = time.monotonic() - t0
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert err["code"] == "first_token_timeout" and "within 1 s" in err["message"], err
+        assert int(r.headers["Retry-After"]) >= 1
+        print(f"refused after {waited:.1f} s")
+    finally:
+        serve.delete("coldbound")

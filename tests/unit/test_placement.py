@@ -19,7 +19,8 @@ def test_gpu_replica_gets_one_gpu_bundle_per_worker_and_shares_the_first():
     assert [b["CPU"] for b in bundles] == [3, 2, 2, 2]  # the replica actor rides in bundle 0
     assert all(b["accelerator_type:A10G"] == 0.001 for b in bundles)
     assert opts["placement_group_strategy"] == "STRICT_PACK"
-    assert opts["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0}
+    assert opts["ray_actor_options"]["num_cpus"] == 1 and opts["ray_actor_options"]["num_gpus"] == 0
+    assert opts["ray_actor_options"]["runtime_env"]["env_vars"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
 
 
 def test_pipeline_parallel_multiplies_bundles():

@@ -139,6 +139,8 @@ def test_ingress_section_defaults_and_values():
      "args.models[0].limits.max_tokens: 0: Input should be greater than or equal to 1"),
     ({"models": [{**MODEL, "limits": {"max_queued_requests": -5}}]},
      "args.models[0].limits.max_queued_requests: -5: Input should be greater than or equal to 1"),
+    ({"models": [{**MODEL, "limits": {"first_token_timeout_s": 0}}]},
+     "args.models[0].limits.first_token_timeout_s: 0: Input should be greater than 0"),
 ])
 def test_bad_ingress_values_are_refused_with_path_and_value(args, expected):
     (err,) = _errors({"models": [MODEL], **args})
