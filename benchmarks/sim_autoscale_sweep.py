@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 import time
-from datetime import date
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,9 @@ from cluster.sim.workload import load_trace  # noqa: E402
 
 GRID: dict[str, list[dict[str, float]]] = {
     # kvpilot runs on its shipped AutoscalingConfig defaults in the comparison; the others are for information.
-    "kvpilot": [{}, {"target_kv_usage": 0.3, "high_kv_usage": 0.6}],
+    # itl_floor_s: None = learned from traffic instead of the single-request ITL the simulator sets (like startup_s).
+    "kvpilot": [{}, {"target_compute_usage": 0.6}, {"target_compute_usage": 0.65}, {"itl_floor_s": None},
+                {"target_compute_usage": 0.6, "itl_floor_s": None}],
     "ray_default": [{}, {"target_ongoing_requests": 16}, {"target_ongoing_requests": 32},
                     {"target_ongoing_requests": 48}, {"target_ongoing_requests": 64}],
     "queue": [{}, {"threshold": 1}, {"threshold": 0}],
@@ -41,7 +43,7 @@ def main() -> int:
     ap.add_argument("--trace", default=str(ROOT.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"))
     ap.add_argument("--time-scale", type=float, default=2.0)
     ap.add_argument("--only", help="comma-separated autoscalers (default: all)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"autoscale-{date.today():%Y%m%d}"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"autoscale-{datetime.now():%H%M}"))
     ns = ap.parse_args()
     names = ns.only.split(",") if ns.only else list(GRID)
     setup = make_setup(AUTOSCALE_MAX)

@@ -144,6 +144,21 @@ class AutoscalingConfig(_Strict):
     trend_window_s: float = Field(
         default=60.0, gt=0.0, le=3600.0, description="Seconds of history the demand growth rate is fitted over."
     )
+    target_compute_usage: float = Field(
+        default=0.7, gt=0.05, lt=1.0,
+        description="Decode compute usage per replica the policy sizes for: 1 − (lowest inter-token latency seen) / "
+        "(inter-token latency over trend_window_s), the latency estimated as running sequences / generated tokens per second.",
+    )
+    itl_floor_s: float | None = Field(
+        default=None, gt=0.0, le=60.0,
+        description="Inter-token latency of one replica with a single sequence (its step cost); default: the lowest "
+        "seen over a half-full trend_window_s window (too high under constant load, which makes the compute signal late).",
+    )
+    high_waiting_per_replica: float = Field(
+        default=0.5, gt=0.0, le=1000.0,
+        description="Requests waiting in the engines per serving replica, averaged over trend_window_s, "
+        "that count as pressure (scale up if sustained; no scale-down while above).",
+    )
     idle_to_zero_s: float = Field(
         default=600.0, gt=0.0, le=86400.0, description="Seconds without traffic before scaling to zero (min_replicas 0)."
     )

@@ -45,6 +45,7 @@ class KVPilotAutoscaler:
                 num_waiting=value("num_waiting", rid) or 0.0,
                 token_rate=value("token_rate", rid) or 0.0,
                 gpu_memory_used_ratio=value("gpu_memory_used_ratio", rid),
+                generation_rate=value("generation_rate", rid),
             )
             for rid in ctx.running_replicas
         )

@@ -144,7 +144,7 @@ class ModelServer:
         self._stats = EngineStats()
         self._gpu = GpuMemoryProbe(enabled=not model.on_cpu)
         self._planned_kv_bytes = planned_kv_bytes_per_gpu
-        self._last_rate_sample = (time.monotonic(), 0)
+        self._last_rate_sample = (time.monotonic(), 0, 0)  # (time, prompt + generated tokens, generated tokens)
         started = time.monotonic()
         self._engine = engine_factory(model, self._stats, self._rec)
         logger.info("model %s: engine ready in %.1f s", model.name, time.monotonic() - started)
@@ -226,15 +226,18 @@ class ModelServer:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Signals for kvpilot's autoscaling policy (cluster/autoscaling.py), every few seconds."""
-        now, tokens = time.monotonic(), self._stats.prompt_tokens + self._stats.generation_tokens
-        then, before = self._last_rate_sample
-        self._last_rate_sample = (now, tokens)
+        now, generated = time.monotonic(), self._stats.generation_tokens
+        tokens = self._stats.prompt_tokens + generated
+        then, before, generated_before = self._last_rate_sample
+        self._last_rate_sample = (now, tokens, generated)
         live = self.stats()
         out = {
             "kv_cache_usage": float(live["kv_cache_usage"]),
             "num_running": float(live["num_running"]),
             "num_waiting": float(live["num_waiting"]),
             "token_rate": (tokens - before) / (now - then) if now > then else 0.0,
+            # with num_running: the inter-token latency, the policy's compute signal
+            "generation_rate": (generated - generated_before) / (now - then) if now > then else 0.0,
         }
         gpus = self._export_gpu_memory()
         if gpus:

@@ -28,8 +28,10 @@ Autoscalers (``AUTOSCALERS``):
     ``current_num_replicas``), ``target_replicas`` = the current target (Ray's
     ``target_num_replicas``), the capacity = the planner's KV tokens per replica,
     Serve's own delays 0 (``cluster.placement`` sets them so). Config:
-    ``AutoscalingConfig()`` with ``startup_s`` = the simulated start-up (what a
-    user is told to set).
+    ``AutoscalingConfig()`` with ``startup_s`` = the simulated start-up and
+    ``itl_floor_s`` = one request's inter-token latency from the step model
+    (``single_stream_itl_s``): what a user is told to set. Replicas report
+    ``generation_rate`` (generated tokens per second) like the live engine.
 ``ray_default``
     Ray Serve's ``replica_queue_length_autoscaling_policy``: desired =
     ceil(mean ongoing requests over ``look_back_period_s`` / ``target_ongoing_requests``),
@@ -86,6 +88,12 @@ def default_startup_s(setup: Setup) -> float:
     return round(weights / LOAD_BYTES_PER_S + WARMUP_S)
 
 
+def single_stream_itl_s(setup: Setup) -> float:
+    """Inter-token latency of one replica decoding one sequence (the step model's decode step of batch 1):
+    what a user measures with a single request and sets as ``autoscaling.itl_floor_s``."""
+    return setup.step.step_ms(0, 0.0, 1, 0) / 1e3
+
+
 def gpus_per_replica(setup: Setup) -> int:
     return setup.plan.tensor_parallel_size * setup.plan.pipeline_parallel_size
 
@@ -122,9 +130,13 @@ class Autoscaler:
 class KVPilotScaler(Autoscaler):
     name = "kvpilot"
 
-    def __init__(self, kv_capacity_tokens: int, startup_s: float, **params: float):
-        self.defaults = {k: float(v.default) for k, v in AutoscalingConfig.model_fields.items()}
+    def __init__(self, kv_capacity_tokens: int, startup_s: float, single_stream_itl: float | None = None,
+                 **params: float):
+        self.defaults = {k: None if v.default is None else float(v.default)
+                         for k, v in AutoscalingConfig.model_fields.items()}
         self.defaults["startup_s"] = float(startup_s)  # what a user sets for this model
+        if single_stream_itl is not None:
+            self.defaults["itl_floor_s"] = float(single_stream_itl)  # likewise: one request's inter-token latency
         super().__init__(**params)
         try:
             self.cfg = AutoscalingConfig.model_validate(self.params)
@@ -260,7 +272,8 @@ TUNED: dict[str, dict[str, float]] = {
 def make_autoscaler(name: str, setup: Setup, startup_s: float, params: dict[str, float] | None = None) -> Autoscaler:
     params = dict(params or {})
     if name == "kvpilot":
-        return KVPilotScaler(setup.plan.num_blocks * setup.plan.block_size, startup_s, **params)
+        return KVPilotScaler(setup.plan.num_blocks * setup.plan.block_size, startup_s, single_stream_itl_s(setup),
+                             **params)
     cls = {"ray_default": RayDefaultScaler, "queue": QueueScaler, "kv_target": KVTargetScaler}.get(name)
     if cls is None:
         raise ValueError(f"--autoscalers: {name!r} is not one of {', '.join(AUTOSCALERS)}")
@@ -300,12 +313,12 @@ class AutoscaleResult:
 
 
 class _Rep:
-    __slots__ = ("i", "rid", "eng", "launched", "ready_t", "stop_t", "state", "last_tokens", "last_t")
+    __slots__ = ("i", "rid", "eng", "launched", "ready_t", "stop_t", "state", "last_tokens", "last_t", "last_gen")
 
     def __init__(self, i: int, eng: Replica, launched: float, ready_t: float, state: str):
         self.i, self.rid, self.eng = i, f"replica-{i}", eng
         self.launched, self.ready_t, self.stop_t, self.state = launched, ready_t, None, state
-        self.last_tokens, self.last_t = 0, launched
+        self.last_tokens, self.last_t, self.last_gen = 0, launched, 0
 
 
 _STEP, _STATS, _READY, _TICK = 0, 1, 2, 3  # event kinds; at equal times in this order
@@ -377,7 +390,7 @@ def _run(workload: Workload, scaler: Autoscaler, setup: Setup, lo: int, hi: int,
 
     def make_ready(r: _Rep, now: float) -> None:
         r.state = "ready"
-        r.last_t, r.last_tokens = now, r.eng.tokens_processed
+        r.last_t, r.last_tokens, r.last_gen = now, r.eng.tokens_processed, r.eng.tokens_generated
         snaps[r.i] = (0.0, 0, 0)
         routable.append(r)
         if stats_period > 0:
@@ -444,8 +457,10 @@ def _run(workload: Workload, scaler: Autoscaler, setup: Setup, lo: int, hi: int,
                     e = r.eng
                     dt = t - r.last_t
                     rate = (e.tokens_processed - r.last_tokens) / dt if dt > 0 else 0.0
-                    r.last_t, r.last_tokens = t, e.tokens_processed
-                    sigs.append(ReplicaSignals(e.usage(), float(len(e.running)), float(len(e.waiting)), rate))
+                    gen = (e.tokens_generated - r.last_gen) / dt if dt > 0 else 0.0
+                    r.last_t, r.last_tokens, r.last_gen = t, e.tokens_processed, e.tokens_generated
+                    sigs.append(ReplicaSignals(e.usage(), float(len(e.running)), float(len(e.waiting)), rate,
+                                               generation_rate=gen))
                     ongoing += ledger.requests.get(r.rid, 0)
                 target = sum(1 for r in reps if r.state == "starting") + len(routable)
                 obs = Observation(t, len(routable), target, tuple(sigs), ongoing, 0.0, lo, hi)

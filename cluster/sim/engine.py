@@ -91,6 +91,7 @@ class Replica:
         self._macro: tuple[float, int, float, float] | None = None  # (t0, k, a, b) of a repeated decode step
         # statistics
         self.tokens_processed = 0
+        self.tokens_generated = 0  # output tokens sampled (vLLM's generation tokens)
         self.preemptions = 0
         self.steps = 0
         self.busy_s = 0.0
@@ -348,6 +349,7 @@ class Replica:
             if k > 1:
                 self.macro_itl.append((a, b, k, len(sched)))
             self.tokens_processed += k * len(sched)
+            self.tokens_generated += k * len(sched)
             self.steps += k
         else:
             for req, n in sched:
@@ -355,6 +357,7 @@ class Replica:
                 self.tokens_processed += n
                 if req.num_computed >= req.prompt + req.num_out:
                     req.num_out += 1
+                    self.tokens_generated += 1
                     if req.num_out == 1:
                         req.first_t = now
                     else:

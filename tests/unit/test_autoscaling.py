@@ -90,3 +90,69 @@ def test_bad_autoscaling_values_are_refused_with_path():
         ClusterConfig.from_args(_models(max_replicas=3, autoscaling={"downscale_delay_s": -1}))
     with pytest.raises(ConfigError, match=r"models\[0\]\.autoscaling: 'set' has no effect"):
         ClusterConfig.from_args(_models(autoscaling={"startup_s": 10}))
+
+
+def _load(now, cur, running, gen_rate, waiting=0.0, usage=0.1, target=None, lo=1, hi=8):
+    reps = tuple(ReplicaSignals(usage, running, waiting, gen_rate * 2, generation_rate=gen_rate) for _ in range(cur))
+    return ScalingInput(now, cur, reps, 0.0, CAP, lo, hi, target_replicas=target)
+
+
+COMPUTE = CFG.model_copy(update={"itl_floor_s": 0.02, "target_compute_usage": 0.7, "trend_window_s": 60})
+
+
+def test_slow_decoding_without_kv_pressure_scales_up_on_compute():
+    # KV 10 %, nothing waiting, but 100 sequences per replica at 400 tokens/s: 250 ms per token, floor 20 ms.
+    d, _ = _run([_load(t, 2, 100, 400) for t in range(0, 61, 2)], cfg=COMPUTE)
+    assert d.kind == "compute_demand" and d.desired == 3  # usage 92 % × 2 / 70 % → 3
+    assert "inter-token latency 250 ms" in d.reason
+
+
+def test_compute_need_waits_for_a_half_full_window():
+    d, _ = _run([_load(t, 2, 100, 400) for t in range(0, 20, 2)], cfg=COMPUTE)
+    assert d.desired == 2
+
+
+def test_sustained_queueing_without_kv_pressure_scales_up():
+    cfg = CFG.model_copy(update={"high_waiting_per_replica": 0.5})
+    d, _ = _run([_inp(t, 2, [0.2, 0.2], waiting=2.0) for t in range(0, 21, 2)], cfg=cfg)
+    assert d.kind == "sustained_pressure" and d.desired == 3 and "waiting per replica" in d.reason
+
+
+def test_a_transient_waiting_request_does_not_block_scale_down():
+    # Low load on 3 replicas; every 30 s one request waits for an engine step on each replica.
+    state, kinds = ScalerState(), []
+    for t in range(0, 341, 2):
+        d, state = decide(_inp(t, 3, [0.1, 0.1, 0.1], waiting=1.0 if t % 30 == 0 else 0.0), CFG, state)
+        kinds.append((d.kind, d.desired))
+    assert ("downscale", 2) in kinds
+
+
+def test_light_decoding_allows_removing_a_replica_only_when_n_minus_1_fits():
+    # 30 ms per token over a 20 ms floor: usage 33 % on 3 replicas → fits 2 at 70 % (50 %), not 1 (100 %).
+    d, st = _run([_load(t, 3, 30, 1000) for t in range(0, 332, 2)], cfg=COMPUTE)
+    assert d.kind == "downscale" and d.desired == 2
+    # On 2 replicas each holds 1.5× the sequences: 45 ms per token, usage 56 % × 2 / 70 % → 2: stays.
+    d, _ = _run([_load(t, 2, 45, 1000) for t in range(332, 1000, 2)], state=st, cfg=COMPUTE)
+    assert d.desired == 2 and d.kind == "steady"
+
+
+def test_itl_floor_is_learned_when_not_configured():
+    light = [_load(t, 2, 1, 50) for t in range(0, 61, 2)]  # 20 ms per token with one sequence
+    heavy = [_load(t, 2, 100, 400) for t in range(62, 200, 2)]  # 250 ms
+    d, st = _run(light + heavy)
+    assert abs(st.itl_floor_s - 0.02) < 1e-9
+    assert d.kind == "compute_demand" and d.desired == 3
+
+
+def test_compute_usage_does_not_cancel_a_starting_replica():
+    d, _ = _run([_load(t, 2, 100, 400, target=3) for t in range(0, 61, 2)], cfg=COMPUTE)
+    assert d.desired >= 3
+
+
+def test_bad_compute_settings_are_refused_with_path():
+    with pytest.raises(ConfigError, match=r"models\[0\]\.autoscaling\.target_compute_usage: 1\.5"):
+        ClusterConfig.from_args(_models(max_replicas=3, autoscaling={"target_compute_usage": 1.5}))
+    with pytest.raises(ConfigError, match=r"models\[0\]\.autoscaling\.itl_floor_s: 0"):
+        ClusterConfig.from_args(_models(max_replicas=3, autoscaling={"itl_floor_s": 0}))
+    with pytest.raises(ConfigError, match=r"models\[0\]\.autoscaling\.high_waiting_per_replica: -1"):
+        ClusterConfig.from_args(_models(max_replicas=3, autoscaling={"high_waiting_per_replica": -1}))
