@@ -98,7 +98,7 @@ class RoutingConfig(_Strict):
     )
     max_index_blocks: int = Field(
         default=1_000_000, ge=1_000, le=100_000_000,
-        description="Bound on the router's prefix index, in KV blocks (about 100 bytes each).",
+        description="Bound on the router's prefix index, in KV blocks (about 200 bytes each).",
     )
 
     @model_validator(mode="after")
