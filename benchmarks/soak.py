@@ -191,6 +191,20 @@ def rss_report(samples: list[tuple[float, dict[str, tuple[str, int]]]]) -> list[
     return rows
 
 
+def scan_logs_for(logs: Path, secret: str) -> dict[str, Any]:
+    """Every file under the stack's Ray log folder, searched for the API key (and its
+    ``Bearer`` form): the soak sent it with every request, so any log line echoing a header or a
+    body would show it."""
+    files, size, hits = 0, 0, []
+    needle = secret.encode()
+    for f in sorted(p for p in logs.rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        files, size = files + 1, size + len(data)
+        if needle in data:
+            hits.append(str(f.relative_to(logs)))
+    return {"logs_dir": str(logs), "files": files, "mib": round(size / MIB, 1), "files_with_key": hits}
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# kvpilot soak {result['started']}", "",
              f"{result['minutes']} min at {result['rate_rps']:.2f} req/s ({result['load']:.0%} of the measured "
@@ -199,6 +213,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"stack RSS: {result['total_start_mib']:.0f} MiB → {result['total_end_mib']:.0f} MiB "
              f"({result['total_end_mib'] - result['total_start_mib']:+.0f} MiB); processes that appeared or left "
              f"during the soak: {result['processes_changed']}", "",
+             f"API key in the stack's logs: {len(result['key_scan']['files_with_key'])} of "
+             f"{result['key_scan']['files']} files ({result['key_scan']['mib']} MiB scanned)", "",
              "| pid | role | start MiB | end MiB | max MiB | growth MiB | slope MiB/h |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rss"]:
@@ -242,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = ns.load * capacity
         print(f"capacity {capacity:.2f} req/s; soaking {ns.minutes} min at {rate:.2f} req/s", flush=True)
         run = asyncio.run(soak(stack, model, rate, ns.minutes, ns.sample_s, ns.max_tokens, ns.interval_s))
+        run["key_scan"] = scan_logs_for(stack.logs_dir(), API_KEY)
     finally:
         stack.stop()
         keys.unlink(missing_ok=True)
