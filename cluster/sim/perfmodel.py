@@ -208,3 +208,55 @@ def step_model_for(cfg: ModelConfig, table: Path = DEFAULT_TABLE) -> StepModel:
         c_prefill=base.c_prefill * scale, c_attn=base.c_attn * scale, c_decode=base.c_decode * scale,
         c_kv=c_kv, hardware=cfg.accelerator, tp=tp, quantization=cfg.quantization, fit=base.fit, assumptions=notes,
     )
+
+
+@dataclass(frozen=True)
+class MeasuredStep:
+    """One measured engine step (or the mean of several alike): the batch and its time in ms.
+
+    ``prefill_tokens`` / ``attn_pairs`` describe prefill work as ``StepModel.step_ms`` counts it
+    (a chunk of ``c`` tokens after ``o`` computed ones attends ``c × (o + c/2)`` pairs);
+    ``decode_seqs`` / ``decode_ctx`` the decoding sequences and their summed context.
+    """
+
+    prefill_tokens: int
+    attn_pairs: float
+    decode_seqs: int
+    decode_ctx: int
+    ms: float
+
+
+def fit_rows(rows: list[MeasuredStep], *, hardware: str = "cpu", tp: int = 1, quantization: str = "none",
+             notes: list[str] | None = None) -> StepModel:
+    """Fit every ``StepModel`` coefficient (``c_kv`` included) to measured steps of a real engine.
+
+    Non-negative least squares (as ``fit_table``) on the columns ``[decode step, prefill-only step,
+    prefill tokens, prefill pairs, decode sequences, decode context tokens]``. Rows of pure
+    prefill steps fit ``c0_prefill``, ``c_prefill``, ``c_attn``; rows with decodes the rest. The
+    error is on the same rows (an in-sample fit: few rows, few coefficients).
+    """
+    if not rows:
+        raise ValueError("fit_rows: no measured steps")
+    x = [[1.0 if r.decode_seqs else 0.0, 0.0 if r.decode_seqs else 1.0, float(r.prefill_tokens), float(r.attn_pairs),
+          float(r.decode_seqs), float(r.decode_ctx)] for r in rows]
+    y = np.array([r.ms for r in rows], float)
+    coef = _nnls(x, y.tolist())
+    c0d, c0p, cp, ca, cd, ckv = (float(c) for c in coef)
+    pred = np.asarray(x) @ coef
+    ape = np.abs(pred - y) / y
+    is_dec = np.array([bool(r.decode_seqs) for r in rows])
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    err = FitError(
+        rows=len(rows),
+        mape=float(ape.mean()),
+        max_ape=float(ape.max()),
+        r2=float(1 - ((pred - y) ** 2).sum() / ss_tot) if ss_tot > 0 else 1.0,
+        mape_prefill=float(ape[~is_dec].mean()) if (~is_dec).any() else float("nan"),
+        mape_decode=float(ape[is_dec].mean()) if is_dec.any() else float("nan"),
+    )
+    return StepModel(
+        c0_decode=c0d, c0_prefill=c0p, c_prefill=cp, c_attn=ca, c_decode=cd, c_kv=ckv, hardware=hardware, tp=tp,
+        quantization=quantization, fit=err,
+        assumptions=[f"fitted by non-negative least squares to {len(rows)} measured steps of the real engine",
+                     *(notes or [])],
+    )

@@ -1,0 +1,460 @@
+"""Simulator fidelity: calibrate a CPU step model on the real tiny engine, then replay one trace slice
+through the real kvpilot stack and through ``cluster.sim`` and compare TTFT, TPOT and throughput.
+
+1. **Calibrate** (a subprocess running vLLM's offline ``LLM`` with the stack's own engine
+   arguments, ``ModelConfig.engine_args()``; no Ray): a lone request of ``P`` prompt tokens and
+   one output token (its wall time ≈ one prefill step plus the per-request overhead, like a
+   lone request's TTFT), and ``B`` requests of ``L`` prompt tokens generating ``M1`` and ``M2``
+   tokens (``(T(M2) − T(M1)) / (M2 − M1)`` = one decode step of ``B`` sequences at context
+   ``L + (M1 + M2)/2``; the prefill and the per-request overhead cancel). Medians over
+   ``--calib-reps`` runs, distinct random prompts each (no prefix-cache hits).
+   ``cluster.sim.perfmodel.fit_rows`` fits ``StepModel`` to them; the in-sample fit error is printed.
+2. **Simulate** the slice with that step model, the planner's KV blocks of the same config
+   (block size 128), the same ``max_num_seqs`` / ``max_num_batched_tokens``, ``--replicas``
+   replicas and the config's routing policy (kvpilot) and stats period.
+3. **Replay** the same slice (same arrival offsets, lengths, output lengths with ``ignore_eos``)
+   against the real stack (``fault_stack.LocalStack``: its own Ray, Serve, kvpilot) with
+   ``cluster.bench``, after a short warm-up.
+4. A second calibration through the stack (``calibrate_stack``: lone-request TTFT over HTTP,
+   median inter-token gap of B concurrent streams), fitted and simulated the same way: how much
+   of the gap a step model that carries the serving overhead closes (``--no-stack-calibration``
+   skips it).
+5. Print real vs sim (and sim/real) per ``--time-scales`` load level; write
+   ``benchmarks/results/sim-fidelity-<HHMM>.json``.
+
+Both sides' numbers come from per-request samples with the same definitions (numpy's linear
+percentiles): TTFT (real: client send → first streamed chunk; sim: arrival → end of the step
+that samples the first token), TPOT per request, output tok/s = output tokens of completed
+requests / (first arrival → last completion).
+
+    .venv/bin/python benchmarks/sim_fidelity.py                       # calibrate, simulate, replay
+    .venv/bin/python benchmarks/sim_fidelity.py --calibration benchmarks/results/sim-fidelity-HHMM.json
+    .venv/bin/python benchmarks/sim_fidelity.py --dry-run             # synthetic calibration, sim only
+
+Defaults: Azure conversation trace, first 200 requests, lengths × 0.25 (max_model_len 1024),
+time scales 1 and 2 (3.3 and 6.5 req/s), 1 replica, max_num_seqs 32, max_num_batched_tokens 2048.
+Not a test: the numbers depend on this machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fault_stack import ROOT, LocalStack, tiny_model  # noqa: E402
+
+MODEL = "tiny"
+TRACE = ROOT.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+TOKEN_RANGE = (16, 480)  # ids valid in the tiny vocabulary, clear of special ids (as cluster.bench)
+
+
+def model_dict(ns: argparse.Namespace) -> dict[str, Any]:
+    return tiny_model(MODEL, ns.replicas, max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
+                      cpu_kv_cache_space_gib=ns.kv_gib,
+                      engine_kwargs={"max_num_batched_tokens": ns.max_num_batched_tokens})
+
+
+# --- 1. calibration (runs in a subprocess: vLLM's CPU executor spawns processes that re-import __main__) ---
+
+
+def _calibrate_worker(model_json: str, out: str, reps: int) -> None:
+    from vllm import LLM, SamplingParams
+
+    from cluster.config import ModelConfig
+
+    cfg = ModelConfig(**json.loads(model_json))
+    t0 = time.perf_counter()
+    llm = LLM(**cfg.engine_args(), seed=0)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(1234)
+    mml, seqs = cfg.effective_max_model_len(), cfg.max_num_seqs
+    batched = int(cfg.engine_kwargs["max_num_batched_tokens"])
+
+    def prompts(n: int, length: int) -> list[dict]:
+        return [{"prompt_token_ids": rng.integers(*TOKEN_RANGE, length).tolist()} for _ in range(n)]
+
+    def timed(n: int, length: int, max_tokens: int) -> float:
+        ps = prompts(n, length)
+        sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+        t = time.perf_counter()
+        outs = llm.generate(ps, sp, use_tqdm=False)
+        dt = time.perf_counter() - t
+        assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
+        return dt
+
+    for _ in range(3):  # warm-up: first calls allocate and compile
+        timed(8, 256, 16)
+        timed(1, 900 if mml > 900 else mml // 2, 1)
+    rows = []
+    for p in [16, 64, 128, 256, 384, 512, 768, 1000, 1536, 2000]:
+        if p >= mml or p > batched:
+            continue
+        ts = [timed(1, p, 1) for _ in range(reps)]
+        rows.append({"kind": "prefill", "prompt": p, "batch": 1, "samples_ms": [t * 1e3 for t in ts],
+                     "prefill_tokens": p, "attn_pairs": p * p / 2, "decode_seqs": 0, "decode_ctx": 0,
+                     "ms": float(np.median(ts) * 1e3)})
+        print(f"prefill {p:5d} tokens: {rows[-1]['ms']:.1f} ms", flush=True)
+    m1, m2 = 16, 80
+    for length in (32, 512):
+        if length + m2 > mml:
+            continue
+        for b in (1, 2, 4, 8, 16, 32):
+            if b > seqs:
+                continue
+            t1 = [timed(b, length, m1) for _ in range(reps)]
+            t2 = [timed(b, length, m2) for _ in range(reps)]
+            step = (np.median(t2) - np.median(t1)) / (m2 - m1) * 1e3
+            ctx = b * (length + (m1 + m2) / 2)
+            rows.append({"kind": "decode", "prompt": length, "batch": b, "m1": m1, "m2": m2,
+                         "samples_ms": {"m1": [t * 1e3 for t in t1], "m2": [t * 1e3 for t in t2]},
+                         "prefill_tokens": 0, "attn_pairs": 0.0, "decode_seqs": b, "decode_ctx": int(ctx),
+                         "ms": float(step)})
+            print(f"decode batch {b:2d} at context {length + (m1 + m2) // 2}: {step:.2f} ms/step", flush=True)
+    Path(out).write_text(json.dumps({"engine_load_s": load_s, "engine_args": {k: str(v) for k, v in
+                                                                               cfg.engine_args().items()},
+                                     "reps": reps, "rows": rows}, indent=2))
+
+
+def calibrate(model: dict, reps: int, timeout_s: float) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "calib.json"
+        env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "auto"}  # what the stack's CPU replica gets
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--calibrate-worker", str(out),
+               "--model-json", json.dumps(model), "--calib-reps", str(reps)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"calibration did not finish in {timeout_s:.0f} s") from None
+        if rc != 0:
+            raise RuntimeError(f"calibration subprocess exited with {rc}")
+        return json.loads(out.read_text())
+
+
+def synthetic_calibration() -> dict:
+    """--dry-run: made-up rows in the right shape (no vLLM), to check the rest of the script."""
+    rows = [{"kind": "prefill", "prompt": p, "batch": 1, "prefill_tokens": p, "attn_pairs": p * p / 2,
+             "decode_seqs": 0, "decode_ctx": 0, "ms": 25 + 0.03 * p} for p in (16, 64, 256, 512, 1000)]
+    rows += [{"kind": "decode", "prompt": length, "batch": b, "prefill_tokens": 0, "attn_pairs": 0.0,
+              "decode_seqs": b, "decode_ctx": b * (length + 48), "ms": 8 + 0.4 * b + 2e-5 * b * (length + 48)}
+             for length in (32, 512) for b in (1, 4, 16, 32)]
+    return {"engine_load_s": None, "reps": 0, "rows": rows, "synthetic": True}
+
+
+def fit(calib: dict):
+    from cluster.sim.perfmodel import MeasuredStep, fit_rows
+
+    steps = [MeasuredStep(r["prefill_tokens"], r["attn_pairs"], r["decode_seqs"], r["decode_ctx"], r["ms"])
+             for r in calib["rows"]]
+    if calib.get("source") == "stack (HTTP)":
+        notes = ["prefill rows: client TTFT of a lone request through the stack (HTTP, proxy, ingress, replica)",
+                 "decode rows: median inter-token gap of B concurrent streams through the stack"]
+    else:
+        notes = ["prefill rows: wall time of a lone request with one output token (LLM.generate), so c0_prefill "
+                 "includes the offline front end's per-request overhead",
+                 "decode rows: (T(M2) - T(M1)) / (M2 - M1) of B requests generating M1 and M2 tokens"]
+    return fit_rows(steps, hardware="cpu", tp=1, quantization="none", notes=notes)
+
+
+# --- 2./3. the slice, the simulator, the real stack -------------------------------------------------
+
+
+def bench_workload(ns: argparse.Namespace):
+    from cluster.bench.workload import build_workload
+
+    return build_workload(trace=ns.trace, num_requests=ns.num_requests, offset=ns.trace_offset,
+                          scale_lengths=ns.scale_lengths, max_model_len=ns.max_model_len, seed=0,
+                          token_id_range=TOKEN_RANGE)
+
+
+def summarize(ttft: list[float], tpot: list[float], e2e: list[float], out_tokens: int, duration_s: float,
+              completed: int, requests: int) -> dict:
+    def pct(v: list[float], q: float) -> float | None:
+        return float(np.percentile(v, q)) if v else None
+
+    return {"requests": requests, "completed": completed, "duration_s": duration_s,
+            "ttft_p50_s": pct(ttft, 50), "ttft_p90_s": pct(ttft, 90), "ttft_p99_s": pct(ttft, 99),
+            "tpot_p50_s": pct(tpot, 50), "tpot_p90_s": pct(tpot, 90), "e2e_p50_s": pct(e2e, 50),
+            "output_tok_s": out_tokens / duration_s if duration_s > 0 else 0.0}
+
+
+def simulate_slice(wl, time_scale: float, step, model: dict, replicas: int, max_num_batched_tokens: int):
+    from cluster.bench.arrivals import trace_arrivals
+    from cluster.config import ModelConfig
+    from cluster.planner import plan_model
+    from cluster.sim.simulator import Setup, simulate
+    from cluster.sim.workload import TraceRequest
+    from cluster.sim.workload import Workload as SimWorkload
+
+    cfg = ModelConfig(**model)
+    plan = plan_model(cfg)
+    offs = trace_arrivals([r.arrival_s for r in wl.requests], time_scale)
+    reqs = sorted((TraceRequest(t, r.input_len, r.output_len, r.index) for r, t in zip(wl.requests, offs)),
+                  key=lambda r: r.arrival_s)
+    setup = Setup(model=cfg, plan=plan, step=step, replicas=replicas, max_model_len=cfg.effective_max_model_len(),
+                  max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
+                  stats_period_s=cfg.routing.stats_period_s, seed=0)
+    res, sims, _ = simulate(SimWorkload("azure-slice", reqs, "azure"), cfg.routing.policy, setup)
+    done = [s for s in sims if s.finish_t >= 0]
+    t0 = min(s.arrival for s in sims)
+    t1 = max((s.finish_t for s in done), default=t0)
+    out = summarize([s.first_t - s.arrival for s in done],
+                    [(s.finish_t - s.first_t) / (s.target - 1) for s in done if s.target > 1],
+                    [s.finish_t - s.arrival for s in done], sum(s.target for s in done), t1 - t0, len(done),
+                    len(sims))
+    out.update(preemptions=res.preemptions, kv_blocks_peak_frac=res.kv_blocks_peak_frac,
+               kv_blocks_per_replica=plan.num_blocks, block_size=plan.block_size)
+    per_req = {s.index: s.first_t - s.arrival for s in done}
+    return out, per_req, setup.to_dict()
+
+
+def run_real(url: str, wl, time_scale: float, warmup: list | None) -> tuple[dict, dict, dict]:
+    from cluster.bench.metrics import run_duration
+    from cluster.bench.runner import BenchConfig, run_benchmark
+
+    cfg = BenchConfig(base_url=url, model=MODEL, mode="trace", time_scale=time_scale, ignore_eos=True,
+                      request_timeout_s=600.0)
+    res = run_benchmark(cfg, wl, warmup or [])
+    done = [r for r in res.records if r.ok]
+    out = summarize([r.ttft_s for r in done], [t for r in done if (t := r.tpot_s) is not None],
+                    [r.latency_s for r in done], sum(r.output_tokens or 0 for r in done), run_duration(res.records),
+                    len(done), len(res.records))
+    out.update(failed=len(res.records) - len(done), errors=res.summary["errors"],
+               output_len_mismatches=res.summary["output_len_mismatches"],
+               itl_p50_s=(res.summary["itl_ms"]["p50"] or 0) / 1e3, environment=res.environment)
+    return out, {r.index: r.ttft_s for r in done}, res.summary
+
+
+def calibrate_stack(url: str, reps: int, max_model_len: int, max_num_seqs: int) -> dict:
+    """The same measurements through the whole stack (HTTP, Serve proxy, ingress, router, replica).
+
+    Prefill: TTFT of a lone request of P tokens (one output token). Decode: B concurrent
+    streams of L prompt tokens and 80 output tokens; the median inter-token gap ≈ one step of B
+    sequences at context ~L + 40. Serving overhead per request and per token lands in the
+    coefficients, as a step model calibrated this way would carry it.
+    """
+    from cluster.bench.runner import BenchConfig, run_benchmark
+    from cluster.bench.workload import build_workload
+
+    rows, seed = [], 500
+    for p in [16, 64, 128, 256, 384, 512, 768, 1000]:
+        if p >= max_model_len:
+            continue
+        seed += 1
+        wl = build_workload(num_requests=reps, input_len=p, output_len=1, seed=seed, token_id_range=TOKEN_RANGE)
+        res = run_benchmark(BenchConfig(base_url=url, model=MODEL, mode="concurrency", concurrency=1), wl)
+        ms = res.summary["ttft_ms"]["p50"]
+        rows.append({"kind": "prefill", "prompt": p, "batch": 1, "prefill_tokens": p, "attn_pairs": p * p / 2,
+                     "decode_seqs": 0, "decode_ctx": 0, "ms": ms})
+        print(f"stack prefill {p:5d} tokens: TTFT {ms:.1f} ms", flush=True)
+    out = 80
+    for length in (32, 512):
+        for b in (1, 2, 4, 8, 16, 32):
+            if b > max_num_seqs or length + out > max_model_len:
+                continue
+            seed += 1
+            wl = build_workload(num_requests=b, input_len=length, output_len=out, seed=seed,
+                                token_id_range=TOKEN_RANGE)
+            res = run_benchmark(BenchConfig(base_url=url, model=MODEL, mode="concurrency", concurrency=b), wl)
+            ms = res.summary["itl_ms"]["p50"]
+            rows.append({"kind": "decode", "prompt": length, "batch": b, "prefill_tokens": 0, "attn_pairs": 0.0,
+                         "decode_seqs": b, "decode_ctx": int(b * (length + out / 2)), "ms": ms,
+                         "tokens_per_chunk": res.summary["tokens_per_chunk"]})
+            print(f"stack decode batch {b:2d} at context {length + out // 2}: ITL p50 {ms:.2f} ms", flush=True)
+    return {"source": "stack (HTTP)", "reps": reps, "rows": rows}
+
+
+# --- 4. the report ------------------------------------------------------------------------------------
+
+ROWS = [("completed", "completed", 1, "{:.0f}"), ("TTFT p50 (ms)", "ttft_p50_s", 1e3, "{:.1f}"),
+        ("TTFT p90 (ms)", "ttft_p90_s", 1e3, "{:.1f}"), ("TTFT p99 (ms)", "ttft_p99_s", 1e3, "{:.1f}"),
+        ("TPOT p50 (ms)", "tpot_p50_s", 1e3, "{:.2f}"), ("E2E p50 (ms)", "e2e_p50_s", 1e3, "{:.0f}"),
+        ("output tok/s", "output_tok_s", 1, "{:.1f}")]
+
+
+VARIANTS = (("sim", "sim"), ("sim_stack", "sim, stack-cal."))
+
+
+def table(levels: list[dict]) -> str:
+    """Per load level: real, then each simulation present and its ratio sim/real."""
+    cols = []  # (header, level, key or None for real, is_ratio)
+    for lv in levels:
+        x = f"x{lv['time_scale']:g}"
+        cols.append((f"{x} real", lv, "real", False))
+        for key, name in VARIANTS:
+            if key in lv:
+                cols += [(f"{x} {name}", lv, key, False), (f"{x} {name} / real", lv, key, True)]
+    lines = ["| metric | " + " | ".join(c[0] for c in cols) + " |", "|---" * (1 + len(cols)) + "|"]
+    for label, key, mul, fmt in ROWS:
+        cells = []
+        for _, lv, which, ratio in cols:
+            v = (lv.get(which) or {}).get(key)
+            if ratio:
+                real = (lv.get("real") or {}).get(key)
+                cells.append(f"{v / real:.2f}" if real and v is not None else "-")
+            else:
+                cells.append(fmt.format(v * mul) if v is not None else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fit_table(calib: dict, step) -> str:
+    lines = ["| step | measured ms | model ms | error |", "|---|---|---|---|"]
+    for r in calib["rows"]:
+        pred = step.step_ms(r["prefill_tokens"], r["attn_pairs"], r["decode_seqs"], r["decode_ctx"])
+        what = (f"prefill {r['prompt']}" if r["kind"] == "prefill"
+                else f"decode B={r['batch']} ctx {r['decode_ctx'] // r['batch']}")
+        lines.append(f"| {what} | {r['ms']:.2f} | {pred:.2f} | {(pred - r['ms']) / r['ms']:+.1%} |")
+    return "\n".join(lines)
+
+
+def report_fit(name: str, calib: dict, step) -> None:
+    f = step.fit
+    print(f"\n{name} step model: {step.describe()}")
+    print(f"fit (in-sample, {f.rows} rows): MAPE {f.mape:.1%} (prefill {f.mape_prefill:.1%}, decode "
+          f"{f.mape_decode:.1%}), max {f.max_ape:.1%}, R² {f.r2:.3f}")
+    print(fit_table(calib, step), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trace", type=Path, default=TRACE)
+    p.add_argument("--num-requests", type=int, default=200)
+    p.add_argument("--trace-offset", type=int, default=0)
+    p.add_argument("--scale-lengths", type=float, default=0.25)
+    p.add_argument("--time-scales", default="1,2", help="load levels, comma-separated (2 = twice as fast)")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-gib", type=float, default=0.5, help="cpu_kv_cache_space_gib per replica")
+    p.add_argument("--calib-reps", type=int, default=3)
+    p.add_argument("--calib-timeout", type=float, default=900.0)
+    p.add_argument("--calibration", type=Path, help="reuse the calibration of an earlier output JSON")
+    p.add_argument("--dry-run", action="store_true", help="synthetic calibration, simulator only (no vLLM, no Ray)")
+    p.add_argument("--no-real", action="store_true", help="calibrate and simulate, do not start the stack")
+    p.add_argument("--no-stack-calibration", dest="stack_calibration", action="store_false",
+                   help="skip the second calibration through the stack (and its simulation)")
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--num-cpus", type=int, default=4, help="Ray's logical CPUs for the stack")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--calibrate-worker", help=argparse.SUPPRESS)
+    p.add_argument("--model-json", help=argparse.SUPPRESS)
+    ns = p.parse_args(argv)
+    if ns.calibrate_worker:
+        _calibrate_worker(ns.model_json, ns.calibrate_worker, ns.calib_reps)
+        return 0
+
+    os.chdir(ROOT)
+    scales = [float(x) for x in ns.time_scales.split(",")]
+    model = model_dict(ns)
+    started = datetime.now(timezone.utc)
+    if ns.dry_run:
+        calib = synthetic_calibration()
+    elif ns.calibration:
+        calib = json.loads(ns.calibration.read_text())["calibration"]
+        print(f"calibration reused from {ns.calibration}")
+    else:
+        t = time.monotonic()
+        calib = calibrate(model, ns.calib_reps, ns.calib_timeout)
+        print(f"calibrated in {time.monotonic() - t:.0f} s (engine load {calib['engine_load_s']:.0f} s)", flush=True)
+    step = fit(calib)
+    report_fit("engine-calibrated", calib, step)
+
+    wl = bench_workload(ns)
+    print(f"\nworkload: {ns.trace.name} requests {ns.trace_offset}..{ns.trace_offset + ns.num_requests - 1}, "
+          f"{wl.scale.describe()}; prompt mean {np.mean([r.input_len for r in wl.requests]):.0f}, output mean "
+          f"{np.mean([r.output_len for r in wl.requests]):.0f}, span "
+          f"{wl.requests[-1].arrival_s - wl.requests[0].arrival_s:.1f} s at x1", flush=True)
+    levels: list[dict] = []
+    setup_d: dict = {}
+    for s in scales:
+        sim, sim_ttft, setup_d = simulate_slice(wl, s, step, model, ns.replicas, ns.max_num_batched_tokens)
+        levels.append({"time_scale": s, "rate_rps": len(wl.requests) / max(1e-9, (wl.requests[-1].arrival_s -
+                                                                                 wl.requests[0].arrival_s) / s),
+                       "sim": sim, "_sim_ttft": sim_ttft})
+
+    ns.out.mkdir(parents=True, exist_ok=True)
+    path = ns.out / f"sim-fidelity-{started:%H%M}{'-dry' if ns.dry_run else ''}.json"
+    command = " ".join([".venv/bin/python", "benchmarks/sim_fidelity.py", *(sys.argv[1:] if argv is None else argv)])
+
+    def dump(error: str | None = None) -> None:  # written after the simulation too, so a failed replay keeps it
+        path.write_text(json.dumps({
+            "command": command, "started_at": started.isoformat(timespec="seconds"),
+            "args": {k: str(v) for k, v in vars(ns).items() if k not in ("calibrate_worker", "model_json")},
+            "model": model, "calibration": calib, "step_model": step.to_dict(), "sim_setup": setup_d,
+            "workload": wl.describe(), "levels": [{k: v for k, v in lv.items() if not k.startswith("_")}
+                                                  for lv in levels],
+            "table_markdown": table(levels), "error": error, "load_average_end": os.getloadavg(), **extra,
+        }, indent=2, default=str))
+
+    extra: dict = {}
+    dump()
+    error = None
+    if not (ns.dry_run or ns.no_real):
+        from cluster.bench.workload import build_workload
+
+        warm = build_workload(num_requests=ns.warmup, input_len=round(np.mean([r.input_len for r in wl.requests])),
+                              output_len=round(np.mean([r.output_len for r in wl.requests])), seed=99,
+                              max_model_len=ns.max_model_len, token_id_range=TOKEN_RANGE).requests
+        stack = LocalStack({"models": [model]}, num_cpus=ns.num_cpus)
+        t = time.monotonic()
+        try:
+            stack.start()
+            print(f"stack up in {time.monotonic() - t:.0f} s at {stack.url}", flush=True)
+            for i, lv in enumerate(levels):
+                t = time.monotonic()
+                real, real_ttft, _ = run_real(stack.url, wl, lv["time_scale"], warm if i == 0 else None)
+                lv["real"] = real
+                gaps = [real_ttft[k] - lv["_sim_ttft"][k] for k in real_ttft if k in lv["_sim_ttft"]]
+                lv["ttft_gap_real_minus_sim_s"] = {"p10": float(np.percentile(gaps, 10)),
+                                                   "p50": float(np.percentile(gaps, 50)),
+                                                   "p90": float(np.percentile(gaps, 90))} if gaps else None
+                print(f"x{lv['time_scale']:g}: replayed in {time.monotonic() - t:.0f} s, "
+                      f"{real['completed']}/{real['requests']} completed", flush=True)
+                dump()
+            if ns.stack_calibration:
+                t = time.monotonic()
+                stack_calib = calibrate_stack(stack.url, ns.calib_reps, ns.max_model_len, ns.max_num_seqs)
+                print(f"stack calibration in {time.monotonic() - t:.0f} s", flush=True)
+                step_stack = fit(stack_calib)
+                extra["stack_calibration"] = stack_calib
+                extra["step_model_stack"] = step_stack.to_dict()
+                report_fit("stack-calibrated", stack_calib, step_stack)
+                for lv in levels:
+                    lv["sim_stack"], _, _ = simulate_slice(wl, lv["time_scale"], step_stack, model, ns.replicas,
+                                                           ns.max_num_batched_tokens)
+                dump()
+        except Exception as e:  # keep what was measured; the stack is stopped below
+            error = f"{type(e).__name__}: {e}"
+            print(f"real run failed: {error}", flush=True)
+        finally:
+            stack.stop()
+
+    print()
+    print(table(levels))
+    for lv in levels:
+        g = lv.get("ttft_gap_real_minus_sim_s")
+        if g:
+            print(f"x{lv['time_scale']:g} ({lv['rate_rps']:.1f} req/s): per-request TTFT real − sim: p10 "
+                  f"{g['p10'] * 1e3:.1f} ms, p50 {g['p50'] * 1e3:.1f} ms, p90 {g['p90'] * 1e3:.1f} ms")
+    dump(error)
+    print(f"\nwrote {path}")
+    return 1 if error else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
