@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 
 from cluster.autoscaling import ReplicaSignals, ScalerState, ScalingInput, decide
 from cluster.config import AutoscalingConfig
-from cluster.routing import Ledger, PrefixIndex, ReplicaLoad, RoutingRequest, make_policy
+from cluster.routing import Ledger, PrefixIndex, RoutingRequest, candidates, make_policy
 from cluster.sim.engine import Replica, SimRequest
 from cluster.sim.metrics import PolicyResult, summarize
 from cluster.sim.simulator import Setup, _injected
@@ -502,21 +502,14 @@ def _run(workload: Workload, scaler: Autoscaler, setup: Setup, lo: int, hi: int,
         hashes = tr.block_hashes()
         d0 = time.perf_counter()
         rreq = RoutingRequest(prompt_tokens=tr.prompt_tokens, max_tokens=tr.output_tokens, block_hashes=hashes)
-        loads = []
-        for r in routable:
-            rid = r.rid
-            if stats_period > 0:
-                u, nr, nw = snaps[r.i]
-            else:
-                e = r.eng
-                u, nr, nw = e.usage(), len(e.running), len(e.waiting)
-            loads.append(ReplicaLoad(
-                replica_id=rid, requests_in_flight=ledger.requests.get(rid, 0),
-                tokens_in_flight=ledger.tokens.get(rid, 0), kv_cache_usage=u, num_running=nr, num_waiting=nw,
-                kv_capacity_tokens=cap_tokens,
-                cached_blocks=index.match(rid, hashes) if uses_prefix else 0,
-                index_blocks=index.size(rid) if uses_prefix else 0))
-        choice = policy.rank(rreq, loads)[0]
+        if stats_period > 0:
+            us, nrs, nws = zip(*(snaps[r.i] for r in routable))
+        else:
+            us = [r.eng.usage() for r in routable]
+            nrs, nws = [len(r.eng.running) for r in routable], [len(r.eng.waiting) for r in routable]
+        cands = candidates([r.rid for r in routable], ledger, us, nrs, nws, cap_tokens,
+                           index if uses_prefix else None, hashes, policy.uses_index_blocks)
+        choice = policy.rank_columns(rreq, cands)[0]  # the same path as the simulator and the live router
         decision_us.append((time.perf_counter() - d0) * 1e6)
         i = int(choice.rsplit("-", 1)[1])
         ledger.sent(choice, tr.prompt_tokens + tr.output_tokens)
