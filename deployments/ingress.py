@@ -556,6 +556,8 @@ class Ingress:
             return StreamingResponse(events, media_type="text/event-stream")
         try:
             acc, cached = await self._collect(first, stream, gen_req, admission, req.n)
+        except _Refused as e:  # resubmitted after losing its replica, and no first token came in time
+            return self._refuse(model, e)
         except Exception as e:
             logger.exception("request %s failed mid-generation", request_id)
             return self._refuse(model, _Refused(500, f"generation failed: {type(e).__name__}: {e}", None,
