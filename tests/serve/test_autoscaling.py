@@ -24,7 +24,9 @@ def _args() -> dict:
         "cpu_kv_cache_space_gib": 0.01, "max_model_len": 1024, "max_num_seqs": 32,
         "min_replicas": 0, "max_replicas": 2,
         "autoscaling": {"target_kv_usage": 0.5, "high_kv_usage": 0.8, "upscale_sustained_s": 2,
-                        "downscale_delay_s": 10, "startup_s": 5, "trend_window_s": 10, "idle_to_zero_s": 10,
+                        "downscale_delay_s": 10, "startup_s": 5, "trend_window_s": 10,
+                        # well after the downscale delay, so "back to one" is seen before "zero"
+                        "idle_to_zero_s": 40,
                         "metrics_interval_s": 1},
     }]}
 
