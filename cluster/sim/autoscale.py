@@ -65,10 +65,10 @@ from dataclasses import dataclass, field
 
 from cluster.autoscaling import ReplicaSignals, ScalerState, ScalingInput, decide
 from cluster.config import AutoscalingConfig
-from cluster.routing import Ledger, PrefixIndex, RoutingRequest, candidates, make_policy
+from cluster.routing import Ledger, PrefixIndex, make_policy
 from cluster.sim.engine import Replica, SimRequest
 from cluster.sim.metrics import PolicyResult, summarize
-from cluster.sim.simulator import Setup, _injected
+from cluster.sim.simulator import Setup, _injected, route
 from cluster.sim.workload import Workload
 
 DEFAULT_PERIOD_S = 1.0
@@ -501,21 +501,15 @@ def _run(workload: Workload, scaler: Autoscaler, setup: Setup, lo: int, hi: int,
         now = sim_now[0] = tr.arrival_s
         hashes = tr.block_hashes()
         d0 = time.perf_counter()
-        rreq = RoutingRequest(prompt_tokens=tr.prompt_tokens, max_tokens=tr.output_tokens, block_hashes=hashes)
         if stats_period > 0:
             us, nrs, nws = zip(*(snaps[r.i] for r in routable))
         else:
             us = [r.eng.usage() for r in routable]
             nrs, nws = [len(r.eng.running) for r in routable], [len(r.eng.waiting) for r in routable]
-        cands = candidates([r.rid for r in routable], ledger, us, nrs, nws, cap_tokens,
-                           index if uses_prefix else None, hashes, policy.uses_index_blocks)
-        choice = policy.rank_columns(rreq, cands)[0]  # the same path as the simulator and the live router
+        choice, sreq = route(policy, tr, hashes, [r.rid for r in routable], us, nrs, nws, ledger,
+                             index if uses_prefix else None, cap_tokens)  # as the simulator and live router do
         decision_us.append((time.perf_counter() - d0) * 1e6)
         i = int(choice.rsplit("-", 1)[1])
-        ledger.sent(choice, tr.prompt_tokens + tr.output_tokens)
-        if uses_prefix:
-            index.insert(choice, hashes)
-        sreq = SimRequest(tr.index, tr.arrival_s, tr.prompt_tokens, tr.output_tokens, hashes)
         sims.append(sreq)
         outstanding += 1
         rep = reps[i].eng

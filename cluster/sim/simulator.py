@@ -140,6 +140,20 @@ def _injected(name: str, params: dict | None, setup: Setup, clock: Callable[[], 
     return out
 
 
+def route(policy, tr, hashes: tuple[int, ...], rids: list[str], usage, running, waiting, ledger: Ledger,
+          index: PrefixIndex | None, cap_tokens: int) -> tuple[str, SimRequest]:
+    """One routing decision, as the live router makes it: the candidates' column snapshot (engine
+    reports beside the router's ledger and prefix index), the policy's first choice, then the
+    router's own accounting of what it sent. ``index`` None: the policy does not use prefixes."""
+    rreq = RoutingRequest(prompt_tokens=tr.prompt_tokens, max_tokens=tr.output_tokens, block_hashes=hashes)
+    cands = candidates(rids, ledger, usage, running, waiting, cap_tokens, index, hashes, policy.uses_index_blocks)
+    choice = policy.rank_columns(rreq, cands)[0]
+    ledger.sent(choice, tr.prompt_tokens + tr.output_tokens)
+    if index is not None:
+        index.insert(choice, hashes)
+    return choice, SimRequest(tr.index, tr.arrival_s, tr.prompt_tokens, tr.output_tokens, hashes)
+
+
 def simulate(workload: Workload, policy_name: str, setup: Setup, *, policy_params: dict | None = None,
              progress: Callable[[int], None] | None = None) -> tuple[PolicyResult, list[SimRequest],
                                                                      list[Replica]]:
@@ -209,23 +223,16 @@ def _simulate(workload: Workload, policy_name: str, setup: Setup, policy_params:
         tr = reqs[ai]
         ai += 1
         sim_now[0] = tr.arrival_s
-        hashes = tr.block_hashes()
+        hashes = tr.block_hashes()  # once per request, outside the timed decision
         d0 = time.perf_counter()
-        rreq = RoutingRequest(prompt_tokens=tr.prompt_tokens, max_tokens=tr.output_tokens, block_hashes=hashes)
         if period > 0:
             us, nrs, nws = zip(*snaps)
         else:
             us = [rep.usage() for rep in reps]
             nrs, nws = [len(rep.running) for rep in reps], [len(rep.waiting) for rep in reps]
-        cands = candidates(rids, ledger, us, nrs, nws, cap_tokens, index if uses_prefix else None, hashes,
-                           policy.uses_index_blocks)
-        choice = policy.rank_columns(rreq, cands)[0]
+        choice, sreq = route(policy, tr, hashes, rids, us, nrs, nws, ledger, index if uses_prefix else None, cap_tokens)
         decision_us.append((time.perf_counter() - d0) * 1e6)
         i = int(choice.rsplit("-", 1)[1])
-        ledger.sent(choice, tr.prompt_tokens + tr.output_tokens)
-        if uses_prefix:
-            index.insert(choice, hashes)
-        sreq = SimRequest(tr.index, tr.arrival_s, tr.prompt_tokens, tr.output_tokens, hashes)
         sims.append(sreq)
         outstanding += 1
         rep = reps[i]
