@@ -21,8 +21,14 @@ REPLICA_ACTOR_CPUS = 1  # the replica process: tokenization, streaming, the engi
 # Seconds: a 70B engine needs minutes to load before its first health check.
 HEALTH_CHECK_PERIOD_S = 10.0
 HEALTH_CHECK_TIMEOUT_S = 60.0
-# Seconds a stopping replica gets to finish the streams in flight and shut its engine down.
-GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
+# Draining. A stopping replica (scale-down, Serve config change, cluster upgrade) gets as long
+# as its longest allowed generation takes at a pessimistic decode speed. 100 ms per token is
+# 10 tokens/s per stream: an assumption, chosen slower than a full batch of the largest model
+# the shipped configs serve (Llama-2-70B AWQ, TP=2 on A10G) is expected to decode; not measured.
+DRAIN_MS_PER_TOKEN = 100
+# Seconds on top: a full-length prompt's prefill, the engine's shutdown, the last bytes out
+# (the flat timeout kvpilot used before drains were sized from the config).
+DRAIN_MARGIN_S = 30
 # Ray Serve runs a replica's user code on a second event loop in its own thread, and the
 # handle's router on a third, by default; every streamed token then crosses threads twice.
 # kvpilot's code is async throughout (AsyncLLM, the ingress), so it runs on the replica's
@@ -42,6 +48,25 @@ def worker_bundles(cfg: ModelConfig) -> list[dict[str, float]]:
     bundles = [dict(bundle) for _ in range(cfg.world_size)]
     bundles[0]["CPU"] += REPLICA_ACTOR_CPUS
     return bundles
+
+
+def longest_generation_tokens(cfg: ModelConfig) -> int:
+    """Most tokens one request can keep a replica busy for: max_model_len bounds prompt +
+    output, ``limits.max_tokens`` (when set and smaller) bounds the output."""
+    tokens = cfg.effective_max_model_len()
+    if cfg.limits.max_tokens is not None:
+        tokens = min(tokens, cfg.limits.max_tokens)
+    return tokens
+
+
+def graceful_shutdown_s(cfg: ModelConfig) -> int:
+    """Seconds a stopping replica waits for its streams to finish (Serve's
+    ``graceful_shutdown_timeout_s``); the Helm chart derives the pods' grace periods from it.
+
+    Example: max_model_len 4096 -> ceil(4096 × 100 ms) + 30 s = 440 s.
+    """
+    drain_ms = longest_generation_tokens(cfg) * DRAIN_MS_PER_TOKEN
+    return -(-drain_ms // 1000) + DRAIN_MARGIN_S
 
 
 def cpu_threads_bind(cfg: ModelConfig) -> str:
@@ -79,7 +104,7 @@ def deployment_options(cfg: ModelConfig, kv_capacity_tokens: int = 0, block_toke
         "max_ongoing_requests": cfg.max_num_seqs,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
-        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_TIMEOUT_S,
+        "graceful_shutdown_timeout_s": graceful_shutdown_s(cfg),
     }
     if cfg.min_replicas == cfg.max_replicas:
         opts["num_replicas"] = cfg.min_replicas
