@@ -72,6 +72,8 @@ def _cmd_plan(ns: argparse.Namespace, console: Console) -> int:
             "pipeline_parallel_size": ns.pp,
             "kv_cache_dtype": ns.kv_cache_dtype,
         }
+        if ns.revision:
+            fields["revision"] = ns.revision
         if ns.max_model_len:
             fields["max_model_len"] = ns.max_model_len
         if ns.gpu_memory_utilization is not None:
@@ -203,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("config", nargs="?", help="a Serve config YAML with kvpilot's application")
     plan.add_argument("--gpu", choices=list(CATALOG), help="plan on this accelerator instead of the configured one")
     plan.add_argument("--model", help="ad hoc: a hub id or a local model directory")
-    plan.add_argument("--quantization", default="none", help=f"ad hoc: one of {', '.join(QUANTIZATIONS)}")
+    plan.add_argument("--quantization", default="auto", help=f"ad hoc: one of {', '.join(QUANTIZATIONS)}")
+    plan.add_argument("--revision", help="ad hoc: hub branch, tag or commit of --model")
     plan.add_argument("--tp", type=int, default=1, help="ad hoc: tensor-parallel size")
     plan.add_argument("--pp", type=int, default=1, help="ad hoc: pipeline-parallel size")
     plan.add_argument("--kv-cache-dtype", default="auto")

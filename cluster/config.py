@@ -45,6 +45,11 @@ REMOVED_QUANTIZATIONS = {
 
 # vLLM's quantization argument for each kvpilot method (int8 is compressed-tensors W8A8).
 VLLM_QUANTIZATION: dict[str, str | None] = {
+    "auto": None,  # vLLM reads the checkpoint's quantization_config itself
+    "compressed-tensors": "compressed-tensors",
+    "modelopt": "modelopt",
+    "modelopt_fp4": "modelopt_fp4",
+    "mxfp4": "mxfp4",
     "none": None,
     "awq": "awq",
     "gptq": "gptq",
@@ -260,10 +265,19 @@ class ModelConfig(_Strict):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
         max_length=128,
     )
-    source: str = Field(description="A local model directory (with config.json) or a Hugging Face hub id.")
+    source: str = Field(
+        description="A local model directory (with config.json) or a Hugging Face hub id (ORG/NAME), resolved with "
+        "huggingface_hub (HF_TOKEN, HF_HUB_OFFLINE, HF_ENDPOINT honoured).",
+    )
+    revision: str | None = Field(
+        default=None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._/-]+$",
+        description="Hub branch, tag or commit of source (hub ids only); the plan names the commit it resolved to.",
+    )
     quantization: str = Field(
-        default="none",
-        description="Weight quantization: none, awq, gptq, fp8, int8 (compressed-tensors W8A8) or bitsandbytes.",
+        default="auto",
+        description="Weight quantization: auto (what the checkpoint's quantization_config states, else none), none, "
+        "awq, gptq, fp8, int8 (compressed-tensors W8A8), compressed-tensors, modelopt, modelopt_fp4, mxfp4, "
+        "bitsandbytes; fp8 and bitsandbytes on an unquantized checkpoint quantize it at load.",
     )
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
         default="auto", description="KV cache element type; fp8 variants halve KV memory against 16-bit."
@@ -312,7 +326,7 @@ class ModelConfig(_Strict):
     @field_validator("quantization")
     @classmethod
     def _known_quantization(cls, v: str) -> str:
-        v = v.lower()
+        v = {"awq_marlin": "awq", "gptq_marlin": "gptq"}.get(v.lower(), v.lower())
         if v in REMOVED_QUANTIZATIONS:
             raise ValueError(f"{v!r}: {REMOVED_QUANTIZATIONS[v]}")
         if v not in QUANTIZATIONS:
@@ -349,7 +363,21 @@ class ModelConfig(_Strict):
 
     def spec(self) -> ModelSpec:
         """The model's architecture (read from ``source``)."""
-        return load_spec(self.source)
+        return load_spec(self.source, self.revision)
+
+    def effective_quantization(self) -> str:
+        """The method vLLM will run: ``auto`` resolves to the checkpoint's (``none`` when unquantized)."""
+        if self.quantization != "auto":
+            return self.quantization
+        quant = self.spec().quant
+        return quant.method if quant else "none"
+
+    def weight_format(self) -> str:
+        """The hardware-support key (cluster.hardware.FORMATS) of the weights vLLM will hold."""
+        quant = self.spec().quant
+        if quant is not None:
+            return quant.format
+        return {"bitsandbytes": "bitsandbytes", "fp8": "fp8"}.get(self.effective_quantization(), "none")
 
     @property
     def world_size(self) -> int:
@@ -367,7 +395,7 @@ class ModelConfig(_Strict):
         if self.dtype != "auto":
             return self.dtype
         spec = self.spec()
-        if self.quantization in ("awq", "gptq"):
+        if self.effective_quantization() in ("awq", "gptq"):
             return "float16"
         return spec.dtype if spec.dtype in ("float16", "bfloat16", "float32") else "bfloat16"
 
@@ -392,14 +420,14 @@ class ModelConfig(_Strict):
                 self.gpu_memory_utilization,
                 "applies only to GPU accelerators; on cpu size the KV cache with cpu_kv_cache_space_gib",
             )
-        support = quantization_support(accel, self.quantization)
-        if not support.supported:
-            raise FieldError("quantization", self.quantization, f"cannot run on {accel.name}: {support.note}")
         try:
             spec = self.spec()
         except ValueError as e:
             raise FieldError("source", self.source, f"cannot be read: {e}") from e
         self._check_checkpoint(spec)
+        support = quantization_support(accel, self.weight_format())
+        if not support.supported:
+            raise FieldError("quantization", self.quantization, f"cannot run on {accel.name}: {support.note}")
         self._check_parallelism(spec)
         if self.max_model_len is not None and self.max_model_len > spec.max_position_embeddings:
             raise FieldError(
@@ -410,16 +438,25 @@ class ModelConfig(_Strict):
         return self
 
     def _check_checkpoint(self, spec: ModelSpec) -> None:
-        ckpt = spec.quant.method if spec.quant else None
-        if ckpt and self.quantization != ckpt:
+        if self.revision is not None and Path(self.source).is_dir():
+            raise FieldError("revision", self.revision, "applies to hub ids; source is a local directory")
+        q = self.quantization
+        if q == "auto":
+            return
+        ckpt = spec.quant
+        if ckpt is not None:
+            same = q == ckpt.method or (q == "int8" and ckpt.scheme == "w8a8-int8")
+            if not same:
+                raise FieldError(
+                    "quantization", q,
+                    f"does not match the checkpoint, which is {ckpt.method}-quantized ({ckpt.describe()}): "
+                    f"set {ckpt.method} or auto",
+                )
+        elif q not in ("none", "fp8", "bitsandbytes"):
             raise FieldError(
-                "quantization", self.quantization, f"does not match the checkpoint, which is {ckpt}-quantized: set {ckpt}"
-            )
-        if self.quantization in ("awq", "gptq") and ckpt is None:
-            raise FieldError(
-                "quantization",
-                self.quantization,
-                f"needs a pre-quantized checkpoint, and {self.source} is not one",
+                "quantization", q,
+                f"needs a pre-quantized checkpoint, and {self.source} is not one "
+                "(unquantized checkpoints take none, or fp8 / bitsandbytes applied at load)",
             )
 
     def _check_parallelism(self, spec: ModelSpec) -> None:
@@ -452,18 +489,19 @@ class ModelConfig(_Strict):
     def notes(self) -> list[str]:
         """Warnings that do not refuse the config: what vLLM will actually do."""
         out = []
-        support = quantization_support(get_accelerator(self.accelerator), self.quantization)
+        support = quantization_support(get_accelerator(self.accelerator), self.weight_format())
         if support.note:
-            out.append(f"quantization {self.quantization}: {support.note}")
+            out.append(f"quantization {self.effective_quantization()}: {support.note}")
         return out
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments for vLLM's ``AsyncEngineArgs``, derived from this config."""
         args: dict[str, Any] = {
             "model": self.source,
+            "revision": self.revision,
             "served_model_name": self.name,
             "quantization": VLLM_QUANTIZATION[self.quantization],
-            "dtype": self.effective_dtype() if self.quantization in ("awq", "gptq") else self.dtype,
+            "dtype": self.effective_dtype() if self.effective_quantization() in ("awq", "gptq") else self.dtype,
             "kv_cache_dtype": self.kv_cache_dtype,
             "tensor_parallel_size": self.tensor_parallel_size,
             "pipeline_parallel_size": self.pipeline_parallel_size,
@@ -483,6 +521,7 @@ class ModelConfig(_Strict):
 _FIRST_CLASS_ENGINE_FIELDS = frozenset(
     {
         "model",
+        "revision",
         "served_model_name",
         "quantization",
         "dtype",

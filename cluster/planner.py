@@ -25,11 +25,12 @@ from dataclasses import asdict, dataclass, field, replace
 
 from cluster.config import ModelConfig
 from cluster.hardware import GIB, Accelerator, get_accelerator, quantization_support
+from cluster.hub import TensorInfo
 from cluster.modelspec import ModelSpec, QuantSpec
+from cluster.weights import VOCAB_PADDING, config_tensors, drop_at_load, load_time_bytes, online_quant, rank_bytes
 
 GPU_BLOCK_SIZE = 16  # vLLM's default KV block size on CUDA
 CPU_BLOCK_SIZE = 128  # vLLM's default on the CPU backend (platforms/cpu.py)
-VOCAB_PADDING = 64  # vLLM pads the embedding and lm_head rows to a multiple of this
 
 # Runtime memory outside torch tensors, and the CUDA-graph pool; rough figures
 # from vLLM's startup logs ("non-torch memory", "Graph capturing finished ...").
@@ -85,87 +86,113 @@ class Plan:
 # --- weights -------------------------------------------------------------
 
 
-def _linear_bytes(in_f: int, out_f: int, quant: QuantSpec | None, method: str, dtype_bytes: int) -> int:
-    """Bytes of one (sharded) linear layer's weight and its quantization metadata."""
-    n = in_f * out_f
-    if method == "none" or quant is None:
-        return n * dtype_bytes
-    if method in ("awq", "gptq"):
-        g = quant.group_size if quant.group_size > 0 else in_f
-        groups = math.ceil(in_f / g)
-        codes = n * quant.bits // 8
-        scales = groups * out_f * 2  # fp16
-        zeros = groups * out_f * quant.bits // 8  # packed like the codes
-        g_idx = in_f * 4 if method == "gptq" else 0  # int32 per input row
-        return codes + scales + zeros + g_idx
-    if method == "fp8":
-        return n + 2 * 4  # fp8 codes, fp32 weight and input scales per tensor
-    if method == "int8":
-        return n + out_f * 4  # int8 codes, fp32 scale per output channel
-    if method == "bitsandbytes":
-        bits = quant.bits if quant else 4
-        if bits == 8:
-            return n + out_f * 4
-        blocks = math.ceil(n / 64)
-        if quant and quant.double_quant:  # absmax itself 8-bit, fp32 per 256 absmax
-            return n // 2 + blocks + math.ceil(blocks / 256) * 4
-        return n // 2 + blocks * 4  # fp32 absmax per 64 weights
-    raise ValueError(f"quantization: {method!r} has no weight formula")
+def _stage_layers(num_layers: int, pp: int) -> list[range]:
+    """vLLM's pipeline split (distributed/utils.py get_pp_indices): even, the remainder to the last stages."""
+    base, extra = divmod(num_layers, pp)
+    sizes = [base + (1 if i >= pp - extra else 0) for i in range(pp)]
+    starts = [sum(sizes[:i]) for i in range(pp)]
+    return [range(s, s + n) for s, n in zip(starts, sizes)]
 
 
-def _rank_linears(spec: ModelSpec, tp: int) -> list[tuple[int, int]]:
-    """(in, out) of each linear of one decoder layer as one TP rank holds it."""
-    kv_rank = max(1, spec.num_kv_heads // tp)
-    q_out = spec.num_heads // tp * spec.head_dim
-    return [
-        (spec.hidden_size, q_out + 2 * kv_rank * spec.head_dim),  # qkv (column parallel)
-        (spec.num_heads * spec.head_dim // tp, spec.hidden_size),  # o_proj (row parallel)
-        (spec.hidden_size, 2 * spec.intermediate_size // tp),  # gate_up (column parallel)
-        (spec.intermediate_size // tp, spec.hidden_size),  # down (row parallel)
-    ]
+def weight_tensors(spec: ModelSpec, method: str) -> tuple[dict[str, TensorInfo], str]:
+    """The tensors vLLM loads for ``spec`` under ``method``, and where they came from."""
+    if spec.quant is None and method not in ("none", "auto"):
+        return config_tensors(spec, online_quant(method)), f"config.json arithmetic, {method} applied at load"
+    if spec.tensors:
+        return spec.tensors, spec.tensors_note or "safetensors headers"
+    why = f" ({spec.tensors_note})" if spec.tensors_note else ""
+    return config_tensors(spec), f"config.json arithmetic{why}"
 
 
-def weight_bytes_per_gpu(spec: ModelSpec, method: str, dtype: str, tp: int = 1, pp: int = 1) -> int:
+def weight_bytes_per_gpu(spec: ModelSpec, method: str, dtype: str, tp: int = 1, pp: int = 1, ep: bool = False,
+                         on_gpu: bool = True) -> int:
     """Weight bytes held by one GPU of the fullest pipeline stage."""
-    db = _DTYPE_BYTES[dtype]
-    quant = spec.quant if spec.quant else (QuantSpec(method, bits=8 if method in ("fp8", "int8") else 4) if method != "none" else None)
-    layer = sum(_linear_bytes(i, o, quant, method, db) for i, o in _rank_linears(spec, tp))
-    if spec.attention_bias:
-        layer += _rank_linears(spec, tp)[0][1] * db
-    layer += 2 * spec.hidden_size * db  # input and post-attention RMSNorm, replicated
-    layers_per_stage = math.ceil(spec.num_layers / pp)
-    vocab_rank = math.ceil(spec.vocab_size / VOCAB_PADDING) * VOCAB_PADDING // tp
-    embed = vocab_rank * spec.hidden_size * db
-    if spec.tie_word_embeddings:
-        lm_head = 0 if pp == 1 else embed
-    elif quant is not None and quant.lm_head_quantized:
-        lm_head = _linear_bytes(spec.hidden_size, vocab_rank, quant, method, db)
-    else:
-        lm_head = vocab_rank * spec.hidden_size * db
-    final_norm = spec.hidden_size * db
-    if pp == 1:
-        ends = embed + lm_head + final_norm
-    else:
-        ends = max(embed, lm_head + final_norm)
-    return layers_per_stage * layer + ends
+    return weight_breakdown(spec, method, dtype, tp, pp, ep, on_gpu)[0]
+
+
+def weight_breakdown(spec: ModelSpec, method: str, dtype: str, tp: int = 1, pp: int = 1, ep: bool = False,
+                     on_gpu: bool = True) -> tuple[int, str, list[str]]:
+    """(bytes on the fullest rank, where the tensors came from, load-time additions)."""
+    tensors, source = weight_tensors(spec, method)
+    tensors = drop_at_load(tensors, spec, on_gpu)
+    best = 0
+    extras: list[str] = []
+    stages = _stage_layers(spec.num_layers, pp)
+    for i, layers in enumerate(stages):
+        ends = (i == 0, i == pp - 1)
+        if spec.tie_word_embeddings and pp > 1 and ends[1] and not ends[0]:
+            tensors = {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]}
+        held = rank_bytes(tensors, spec, dtype, tp, ep, layers, ends)
+        extra, notes = load_time_bytes(spec, dtype, tp, on_gpu, len(layers))
+        if held + extra > best:
+            best, extras = held + extra, notes
+    return best, source, extras
+
+
+def kv_layers(spec: ModelSpec, kv_cache_dtype: str, dtype: str, tp: int = 1, pp: int = 1) -> list[tuple[str, int]]:
+    """(kind, bytes per token on one GPU) of each attention layer of the fullest pipeline stage.
+
+    Standard attention: K and V of the rank's KV heads (at least one; replicated beyond the
+    KV head count). MLA: one latent vector of kv_lora_rank + qk_rope_head_dim, the same on
+    every rank (vLLM does not split it by TP).
+    """
+    elem = 1 if kv_cache_dtype.startswith("fp8") else _DTYPE_BYTES[dtype]
+    stage = max(_stage_layers(spec.num_layers, pp), key=len)
+    if spec.is_mla:
+        per = (spec.kv_lora_rank + spec.qk_rope_head_dim) * elem
+        return [("mla", per) for _ in stage]
+    per = 2 * max(1, spec.num_kv_heads // tp) * spec.head_dim * elem
+    return [(spec.layer_kind(i), per) for i in stage]
 
 
 def kv_bytes_per_token(spec: ModelSpec, kv_cache_dtype: str, dtype: str, tp: int = 1, pp: int = 1) -> int:
-    """KV cache bytes one token costs on one GPU: 2 (K and V) × KV heads per rank × head_dim × bytes × layers."""
-    elem = 1 if kv_cache_dtype.startswith("fp8") else _DTYPE_BYTES[dtype]
-    return math.ceil(spec.num_layers / pp) * 2 * max(1, spec.num_kv_heads // tp) * spec.head_dim * elem
+    """KV cache bytes one token costs on one GPU, summed over the stage's layers."""
+    return sum(b for _, b in kv_layers(spec, kv_cache_dtype, dtype, tp, pp))
+
+
+def kv_capacity(spec: ModelSpec, kv_budget: int, block: int, mml: int, kv_cache_dtype: str, dtype: str, tp: int,
+                pp: int, in_flight_tokens: int) -> tuple[int, float, int]:
+    """(blocks, concurrency, tokens) as vLLM's KV cache manager computes them (v1/core/kv_cache_utils.py).
+
+    Layers are bucketed by kind; the smallest bucket's size is the group size (the largest if it
+    is under 1.5x the smallest); each block id holds one page of every layer of a group, and a
+    request takes ceil(mml / block) blocks in a full-attention group and
+    ceil(min(window - 1 + in-flight tokens, mml) / block) + 1 in a sliding-window group.
+    """
+    layers = kv_layers(spec, kv_cache_dtype, dtype, tp, pp)
+    buckets: dict[str, list[int]] = {}
+    for kind, per in layers:
+        buckets.setdefault(kind, []).append(per)
+    sizes = [len(v) for v in buckets.values()]
+    group = min(sizes) if max(sizes) >= 1.5 * min(sizes) else max(sizes)
+    page = max(per for _, per in layers) * block
+    num_blocks = max(0, kv_budget) // (group * page)
+    per_request = 0
+    for kind, members in buckets.items():
+        groups = math.ceil(len(members) / group)
+        if kind == "sliding":
+            need = math.ceil(min(spec.sliding_window - 1 + in_flight_tokens, mml) / block) + 1
+        else:
+            need = math.ceil(mml / block)
+        per_request += groups * need
+    concurrency = num_blocks / per_request
+    return num_blocks, concurrency, int(concurrency * mml)
 
 
 def activation_bytes(spec: ModelSpec, dtype: str, tp: int, batched_tokens: int, max_num_seqs: int) -> int:
     """Estimate of the profile run's activation peak on one GPU.
 
-    One layer's live tensors for ``batched_tokens`` tokens (residual, normed
-    input, sharded qkv, gate_up and its activated half) plus the sampler's fp32
-    logits and probabilities for ``max_num_seqs`` rows.
+    One layer's live tensors for ``batched_tokens`` tokens (residual, normed input, sharded
+    qkv, gate_up and its activated half; for MoE the routed copies of the tokens through the
+    experts' intermediate) plus the sampler's fp32 logits and probabilities for
+    ``max_num_seqs`` rows.
     """
     db = _DTYPE_BYTES[dtype]
-    qkv = _rank_linears(spec, tp)[0][1]
-    per_token = (2 * spec.hidden_size + qkv + 3 * spec.intermediate_size // tp) * db
+    qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim // tp
+    inter = spec.intermediate_size
+    if spec.is_moe:
+        inter = max(inter if not all(spec.moe_layers or [True]) else 0, spec.experts_per_token * spec.moe_intermediate_size)
+    per_token = (2 * spec.hidden_size + qkv + 3 * inter // tp) * db
     vocab_rank = math.ceil(spec.vocab_size / VOCAB_PADDING) * VOCAB_PADDING
     sampler = max_num_seqs * vocab_rank * 4 * 2
     return batched_tokens * per_token + sampler
@@ -195,15 +222,28 @@ def plan_model(cfg: ModelConfig, accelerator: str | None = None) -> Plan:
     tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
     dtype = cfg.effective_dtype()
     mml = cfg.effective_max_model_len()
-    weights = weight_bytes_per_gpu(spec, cfg.quantization, dtype, tp, pp)
+    method = cfg.effective_quantization()
+    ep = bool(cfg.engine_kwargs.get("enable_expert_parallel", False))
+    weights, weights_from, load_notes = weight_breakdown(spec, method, dtype, tp, pp, ep, accel.is_gpu)
     per_token = kv_bytes_per_token(spec, cfg.kv_cache_dtype, dtype, tp, pp)
     batched = _batched_tokens(cfg, accel)
     act = activation_bytes(spec, dtype, tp, batched, cfg.max_num_seqs)
+    qdesc = spec.quant.describe() if spec.quant else (f"{method} applied at load" if method != "none" else "")
     assumptions = [
         f"architecture: {spec.describe()}",
-        f"weights in {dtype}" + (f", linear layers {cfg.quantization}" if cfg.quantization != "none" else ""),
+        f"weights in {dtype}" + (f", {qdesc}" if qdesc else "") + (", experts split by expert (EP)" if ep and spec.is_moe else ""),
+        f"weights from {weights_from}" + (f"; plus {', '.join(load_notes)}" if load_notes else ""),
         f"activation peak for {batched} batched tokens and {cfg.max_num_seqs} sequences (estimate)",
     ]
+    if spec.revision:
+        assumptions.insert(0, f"source: {cfg.source} at commit {spec.revision}")
+    if spec.is_mla:
+        assumptions.append("KV cache: MLA latent vectors, the same on every TP rank (not split)")
+    if spec.sliding_window:
+        assumptions.append(
+            f"KV cache: {spec.layer_types.count('sliding')} sliding-window layers hold at most "
+            f"{spec.sliding_window} + {batched} tokens per request (vLLM's hybrid KV cache manager)"
+        )
     if accel.is_gpu:
         assert accel.memory_bytes is not None
         block = GPU_BLOCK_SIZE
@@ -225,23 +265,22 @@ def plan_model(cfg: ModelConfig, accelerator: str | None = None) -> Plan:
             f"CPU: KV cache fixed at {cfg.cpu_kv_cache_space_gib} GiB per worker; weights and activations "
             "use host memory beside it"
         )
-    num_blocks = max(0, kv_budget) // (block * per_token)
-    blocks_per_request = math.ceil(mml / block)
-    concurrency = num_blocks / blocks_per_request
-    kv_tokens = int(concurrency * mml)  # the figure vLLM logs as "KV cache size: N tokens"
-    fits = num_blocks >= blocks_per_request
-    shortfall = 0 if fits else blocks_per_request * block * per_token - max(0, kv_budget) + max(0, -kv_budget)
+    num_blocks, concurrency, kv_tokens = kv_capacity(
+        spec, kv_budget, block, mml, cfg.kv_cache_dtype, dtype, tp, pp, batched * pp)
+    fits = concurrency >= 1
+    one_request = math.ceil(mml / block) * block * per_token
+    shortfall = 0 if fits else max(0, one_request - max(0, kv_budget)) + max(0, -kv_budget)
     plan = Plan(
         name=cfg.name,
         source=cfg.source,
         gpu=accel.name,
-        quantization=cfg.quantization,
+        quantization=method,
         kv_cache_dtype=cfg.kv_cache_dtype,
         tensor_parallel_size=tp,
         pipeline_parallel_size=pp,
         max_model_len=mml,
         fits=fits,
-        per_gpu=PerGpu(weights, max(0, num_blocks * block * per_token), act, overhead, budget),
+        per_gpu=PerGpu(weights, max(0, kv_budget // (block * per_token)) * block * per_token, act, overhead, budget),
         kv_bytes_per_token=per_token,
         block_size=block,
         num_blocks=num_blocks,
@@ -267,14 +306,14 @@ def _suggestions(cfg: ModelConfig, spec: ModelSpec, accel: Accelerator) -> list[
             out.append(f"tensor_parallel_size: {tp} fits ({candidate.kv_cache_tokens:,} KV tokens)")
             break
     if spec.quant is None and accel.is_gpu:
-        for q in ("fp8", "int8", "bitsandbytes"):
+        for q in ("fp8", "bitsandbytes"):
             if q == cfg.quantization or not quantization_support(accel, q).supported:
                 continue
             candidate = _try(cfg, quantization=q)
             if candidate is not None and candidate.fits:
                 out.append(f"quantization: {q} fits at the same TP ({candidate.kv_cache_tokens:,} KV tokens)")
     if spec.quant is None or spec.quant.bits > 4:
-        four_bit = replace(spec, quant=QuantSpec("awq"))
+        four_bit = replace(spec, quant=QuantSpec("awq"), tensors=None)
         w = weight_bytes_per_gpu(four_bit, "awq", "float16", cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
         out.append(f"a 4-bit AWQ/GPTQ checkpoint of this model needs {w / GIB:.2f} GiB of weights per GPU")
     if cfg.max_model_len:
@@ -291,24 +330,26 @@ def _try(cfg: ModelConfig, **update) -> Plan | None:
 
 
 def size_table(spec: ModelSpec) -> list[tuple[str, int]]:
-    """Whole-model weight bytes (TP=1) under each storage format."""
-    base = replace(spec, quant=None)
-    rows = [
-        ("fp32", weight_bytes_per_gpu(base, "none", "float32")),
-        ("fp16/bf16", weight_bytes_per_gpu(base, "none", "bfloat16")),
-        ("int8 (W8A8, per-channel scales)", weight_bytes_per_gpu(base, "int8", "bfloat16")),
-        ("fp8 (per-tensor scales)", weight_bytes_per_gpu(base, "fp8", "bfloat16")),
-        ("4-bit AWQ g128", weight_bytes_per_gpu(replace(spec, quant=QuantSpec("awq")), "awq", "float16")),
-        ("4-bit GPTQ g128 (+g_idx)", weight_bytes_per_gpu(replace(spec, quant=QuantSpec("gptq")), "gptq", "float16")),
-        ("bitsandbytes nf4", weight_bytes_per_gpu(base, "bitsandbytes", "bfloat16")),
+    """Whole-model weight bytes (TP=1) under each storage format, from config.json arithmetic."""
+    base = replace(spec, quant=None, tensors=None)
+
+    def fmt(q: QuantSpec | None, dtype: str) -> int:
+        return weight_bytes_per_gpu(replace(base, quant=q), q.method if q else "none", dtype)
+
+    return [
+        ("fp32", fmt(None, "float32")),
+        ("fp16/bf16", fmt(None, "bfloat16")),
+        ("int8 (W8A8, per-channel scales)", fmt(QuantSpec("compressed-tensors", 8, -1, scheme="w8a8-int8"), "bfloat16")),
+        ("fp8 (per-tensor scales)", fmt(QuantSpec("fp8", 8, -1, scheme="fp8"), "bfloat16")),
+        ("fp8 (128×128 blocks)", fmt(QuantSpec("fp8", 8, -1, scheme="fp8-block"), "bfloat16")),
+        ("4-bit AWQ g128", fmt(QuantSpec("awq"), "float16")),
+        ("4-bit GPTQ g128 (+g_idx)", fmt(QuantSpec("gptq"), "float16")),
+        ("W4A16 compressed-tensors g128", fmt(QuantSpec("compressed-tensors", 4, 128, scheme="w4a16"), "bfloat16")),
+        ("NVFP4 (fp8 scale per 16)", fmt(QuantSpec("modelopt_fp4", 4, 16, scheme="nvfp4"), "bfloat16")),
+        ("bitsandbytes nf4", fmt(QuantSpec("bitsandbytes", 4, 64, scheme="nf4"), "bfloat16")),
     ]
-    return rows
 
 
 def parameter_count(spec: ModelSpec) -> int:
-    """Parameters of the unsharded model (without vocabulary padding)."""
-    per_layer = sum(i * o for i, o in _rank_linears(spec, 1)) + 2 * spec.hidden_size
-    if spec.attention_bias:
-        per_layer += _rank_linears(spec, 1)[0][1]
-    embeds = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
-    return spec.num_layers * per_layer + embeds + spec.hidden_size
+    """Parameters of the unsharded model (without vocabulary padding), from config.json arithmetic."""
+    return sum(math.prod(t.shape) for t in config_tensors(replace(spec, quant=None, tensors=None)).values())

@@ -32,7 +32,7 @@ def test_pipeline_parallel_multiplies_bundles():
 
 def test_cpu_replica_reserves_a_core_per_worker_and_binds_them(tmp_path):
     (tmp_path / "config.json").write_text(
-        '{"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,'
+        '{"model_type": "llama", "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,'
         ' "intermediate_size": 512, "vocab_size": 512}')
     m = ModelConfig(name="tiny", source=str(tmp_path), accelerator="cpu", tensor_parallel_size=2)
     opts = deployment_options(m)
@@ -53,6 +53,6 @@ def test_hub_style_names_make_valid_deployment_names():
 
 def test_strict_pack_refused_on_cpu(tmp_path):
     (tmp_path / "config.json").write_text(
-        '{"hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 512, "vocab_size": 512}')
+        '{"model_type": "llama", "hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 512, "vocab_size": 512}')
     with pytest.raises(ValueError, match="placement_strategy"):
         ModelConfig(name="t", source=str(tmp_path), accelerator="cpu", placement_strategy="STRICT_PACK")

@@ -9,7 +9,7 @@ import pytest
 from cluster.cli import main
 from cluster.config import ModelConfig
 from cluster.hardware import GIB
-from cluster.modelspec import BUILTIN, QuantSpec
+from cluster.modelspec import QuantSpec, load_spec
 from cluster.planner import kv_bytes_per_token, plan_model, weight_bytes_per_gpu
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,20 +17,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_llama3_8b_bf16_weights_match_vllm_log():
     # vLLM logs "Model loading took 14.96 GiB" for Llama-3-8B in bf16 (vllm-project/vllm#12330).
-    got = weight_bytes_per_gpu(BUILTIN["meta-llama/Meta-Llama-3-8B"], "none", "bfloat16") / GIB
+    got = weight_bytes_per_gpu(load_spec("meta-llama/Meta-Llama-3-8B"), "none", "bfloat16") / GIB
     assert got == pytest.approx(14.96, rel=0.02)
 
 
 def test_mistral_7b_v03_gptq_weights_match_vllm_log():
-    spec = replace(BUILTIN["mistralai/Mistral-7B-Instruct-v0.3"], quant=QuantSpec("gptq"))
+    spec = replace(load_spec("mistralai/Mistral-7B-Instruct-v0.3"), quant=QuantSpec("gptq"))
     got = weight_bytes_per_gpu(spec, "gptq", "float16") / GIB
     assert got == pytest.approx(3.89, rel=0.02)
 
 
 def test_awq_linear_bytes_by_hand():
     # One 256x512 linear, group 128: codes 256*512/2, fp16 scales 2*512*2, packed zeros 2*512/2.
-    spec = replace(BUILTIN["meta-llama/Llama-2-7b-hf"], num_layers=1, hidden_size=256, num_heads=4, num_kv_heads=4,
-                   head_dim=64, intermediate_size=512, vocab_size=64, quant=QuantSpec("awq"))
+    spec = replace(load_spec("meta-llama/Llama-2-7b-hf"), num_layers=1, hidden_size=256, num_heads=4, num_kv_heads=4,
+                   head_dim=64, intermediate_size=512, vocab_size=64, quant=QuantSpec("awq"), rotary_dim=0)
     per_linear = lambda i, o: i * o // 2 + (i // 128) * o * 2 + (i // 128) * o // 2  # noqa: E731
     layer = per_linear(256, 768) + per_linear(256, 256) + per_linear(256, 1024) + per_linear(512, 256)
     norms = 2 * 256 * 2 + 256 * 2
@@ -39,7 +39,7 @@ def test_awq_linear_bytes_by_hand():
 
 
 def test_tensor_parallel_shards_weights_and_kv():
-    spec = BUILTIN["TheBloke/Llama-2-70B-AWQ"]
+    spec = load_spec("TheBloke/Llama-2-70B-AWQ")
     one = weight_bytes_per_gpu(spec, "awq", "float16", tp=1)
     two = weight_bytes_per_gpu(spec, "awq", "float16", tp=2)
     assert two == pytest.approx(one / 2, rel=0.001)  # only norms are replicated
@@ -54,7 +54,7 @@ def test_cpu_kv_tokens_follow_vllm_block_arithmetic(tmp_path):
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "num_attention_heads": 4,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "num_attention_heads": 4,
         "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 512, "vocab_size": 512,
         "max_position_embeddings": 2048, "torch_dtype": "float16"}))
     cfg = ModelConfig(name="t", source=str(model), accelerator="cpu", cpu_kv_cache_space_gib=1, max_model_len=1000)
