@@ -121,7 +121,11 @@ def _strict(node: Any) -> Any:
 def crd_validator(filename: str, version: str = "v1") -> jsonschema.Draft7Validator:
     path = KUBERAY_CRDS / filename
     if not path.is_file():
-        pytest.fail(f"{path} is missing: KubeRay's CRDs are expected in ../shared/kuberay/ (or set KVPILOT_KUBERAY_CRDS)")
+        # A fresh clone has no ../shared: everything else runs, the CRD checks say what they need.
+        pytest.skip(
+            f"KubeRay CRD {path} is missing: copy {filename} from ray-project/kuberay tag v1.7.0 "
+            f"(ray-operator/config/crd/bases/{filename}) into ../shared/kuberay/, or point KVPILOT_KUBERAY_CRDS at its folder"
+        )
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     (ver,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
     return jsonschema.Draft7Validator(_strict(ver["schema"]["openAPIV3Schema"]))

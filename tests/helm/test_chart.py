@@ -6,6 +6,8 @@ import base64
 import json
 import re
 import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import helm_python as helm
 import pytest
 import yaml
 
+from cluster import helmschema
 from cluster.config import APP_IMPORT_PATH, ClusterConfig, read_serve_args
 from cluster.hardware import CATALOG
 from cluster.placement import worker_bundles
@@ -58,42 +61,99 @@ def _is_gpu_config(path: Path) -> bool:
     return all(CATALOG[m["accelerator"]].is_gpu for m in args["models"])
 
 
-# --- one source of truth -----------------------------------------------------------------
+# --- the user's own Serve config ----------------------------------------------------------
+
+IMAGE = {"image": {"repository": "r/kvpilot"}}
+GPU_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml") if _is_gpu_config(p))
+# Each values profile serves the args of one shipped config (ci/ files are self-contained values).
+PROFILE_CONFIGS = {"default": "llama70b-awq.yaml", "ingress": "llama70b-awq.yaml", "two-groups": "llama70b-awq.yaml",
+                   "monitoring": "llama3-8b-fp8.yaml", "servicemonitor": "mistral7b-gptq.yaml"}
+
+# A config that is in no configs/ file: two models, one on each of two GPU types.
+MY_MODELS = """\
+# my-models.yaml: what a user writes for their own models.
+applications:
+  - name: dashboard-app
+    route_prefix: /other
+    import_path: somewhere.else:app
+  - name: my-llms
+    route_prefix: /
+    import_path: deployments.app:build_app
+    args:
+      models:
+        - name: qwen-7b
+          source: Qwen/Qwen2.5-7B-Instruct
+          accelerator: L40S
+          max_model_len: 16384
+          limits: {max_tokens: 2048}
+          min_replicas: 1
+          max_replicas: 3
+        - name: llama-70b
+          source: TheBloke/Llama-2-70B-AWQ
+          quantization: awq
+          max_model_len: 4096
+          accelerator: A10G
+          gpu_memory_utilization: 0.95
+          tensor_parallel_size: 2
+"""
+MY_GROUPS = [{"name": "l40s", "accelerator": "L40S"}, {"name": "a10g", "accelerator": "A10G"}]
 
 
-def test_configs_is_a_symlink_helm_follows():
-    link = CHART / "configs"
-    assert link.is_symlink(), "helm/kvpilot/configs must be a symlink to the repository's configs/"
-    assert link.resolve() == CONFIGS.resolve()
-    with load_chart() as chart:
-        files = {f["name"]: f["data"] for f in chart.files}
-    for path in CONFIGS.glob("*.yaml"):
-        assert files[f"configs/{path.name}"] == path.read_text(), f"Helm did not load {path} through the symlink"
+def _kvpilot_plan(path: Path) -> None:
+    """`kvpilot plan FILE`, as the README tells users to run it before installing."""
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", str(path)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, f"kvpilot plan {path} exited {out.returncode}:\n{out.stdout}{out.stderr}"
+    assert "does not fit" not in out.stdout
 
 
-def test_packaged_chart_carries_the_configs(tmp_path):
-    archive = helm.package(CHART, destination=tmp_path)
-    with helm.Chart.load(archive) as chart:
-        names = {f["name"] for f in chart.files}
-        out = chart.render({"image": {"repository": "r/kvpilot"}}, name=RELEASE, namespace=NAMESPACE)
-    assert not any(n.startswith("ci/") for n in names)  # test profiles stay out of the package
-    rayservice = yaml.safe_load(out["kvpilot/templates/rayservice.yaml"])
-    assert rayservice["spec"]["serveConfigV2"] == (CONFIGS / "llama70b-awq.yaml").read_text()
+def test_generated_schema_and_drain_numbers_are_committed():
+    # `python -m cluster.helmschema` writes them from ClusterConfig and cluster/placement.py.
+    stale = [str(p) for p, text in helmschema.generated().items() if p.read_text() != text]
+    assert stale == [], f"run `python -m cluster.helmschema`: {stale} differ from what it generates"
+    assert SCHEMA["properties"]["args"]["properties"] == helmschema.args_schema()["properties"]
 
 
-def test_serve_config_choices_are_exactly_the_gpu_configs():
-    gpu_configs = sorted(p.name for p in CONFIGS.glob("*.yaml") if _is_gpu_config(p))
-    assert gpu_configs, "no GPU config in configs/"
-    assert sorted(SCHEMA["properties"]["serveConfig"]["enum"]) == gpu_configs
+def test_users_own_config_file_is_served_verbatim(tmp_path):
+    path = tmp_path / "my-models.yaml"
+    path.write_text(MY_MODELS)
+    _kvpilot_plan(path)
+    # `helm install --set-file serveConfig=my-models.yaml` passes the file's text as the value.
+    docs = render({**IMAGE, "serveConfig": path.read_text(), "workerGroups": MY_GROUPS})
+    text, cfg = _serve_config(docs, tmp_path)
+    assert text == MY_MODELS
+    assert cfg == ClusterConfig.from_serve_yaml(path)
+    assert crd_errors(only(docs, "RayService"), "ray.io_rayservices.yaml") == []
+    groups = {g["groupName"]: g for g in ray_cluster(docs)["workerGroupSpecs"]}
+    assert ray_resources(groups["l40s"]["rayStartParams"]) == {"accelerator_type:L40S": 1}
+    assert (groups["l40s"]["replicas"], groups["l40s"]["maxReplicas"]) == (1, 3)
+    assert groups["a10g"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert ray_cluster(docs)["enableInTreeAutoscaling"] is True
 
 
-@pytest.mark.parametrize("config", sorted(SCHEMA["properties"]["serveConfig"]["enum"]))
-def test_serve_config_v2_is_the_file_verbatim(config, tmp_path):
-    docs = render({"serveConfig": config, "image": {"repository": "r/kvpilot"}})
+@pytest.mark.parametrize("config", GPU_CONFIGS)
+def test_every_shipped_config_plans_and_renders_verbatim(config, tmp_path):
+    _kvpilot_plan(CONFIGS / config)
+    docs = render({**IMAGE, "serveConfig": (CONFIGS / config).read_text()})
     text, cfg = _serve_config(docs, tmp_path)
     assert text == (CONFIGS / config).read_text()
     assert cfg == ClusterConfig.from_serve_yaml(CONFIGS / config)
-    assert only(docs, "RayService")["metadata"]["annotations"]["kvpilot.io/serve-config"] == f"configs/{config}"
+
+
+def test_profiles_serve_the_shipped_configs_args(profile, tmp_path):
+    args, _ = read_serve_args(CONFIGS / PROFILE_CONFIGS[profile])
+    assert PROFILES[profile]["args"] == args
+    _, cfg = _serve_config(render(PROFILES[profile]), tmp_path)
+    assert cfg == ClusterConfig.from_serve_yaml(CONFIGS / PROFILE_CONFIGS[profile])
+
+
+def test_packaged_chart_renders_a_users_file(tmp_path):
+    archive = helm.package(CHART, destination=tmp_path)
+    with helm.Chart.load(archive) as chart:
+        names = {f["name"] for f in chart.files}
+        out = chart.render({**IMAGE, "serveConfig": MY_MODELS, "workerGroups": MY_GROUPS}, name=RELEASE, namespace=NAMESPACE)
+    assert not any(n.startswith("ci/") for n in names)  # test profiles stay out of the package
+    assert {"files/args.schema.json", "files/drain.json"} <= names
+    assert yaml.safe_load(out["kvpilot/templates/rayservice.yaml"])["spec"]["serveConfigV2"] == MY_MODELS
 
 
 def test_gpu_catalog_matches_cluster_hardware():
@@ -135,8 +195,7 @@ def test_every_manifest_validates(profile):
         assert doc["metadata"]["namespace"], where
         if doc["kind"] == "RayService":
             assert doc["apiVersion"] == "ray.io/v1"
-            assert crd_errors(doc, "ray.io_rayservices.yaml") == [], where
-            # The CRD schema is loose on some nested Kubernetes types; check those with Kubernetes' own.
+            # KubeRay's CRD: test_rayservice_matches_kuberays_crd. The CRD schema is loose on some nested Kubernetes types; check those with Kubernetes' own.
             for group, template in pod_templates(docs).items():
                 validate_k8s({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group}, "template": template})
             validate_k8s({"apiVersion": "v1", "kind": "Service", **doc["spec"]["serveService"]})
@@ -144,6 +203,11 @@ def test_every_manifest_validates(profile):
             assert doc["apiVersion"] == "monitoring.coreos.com/v1", where
         else:
             validate_k8s(doc)
+
+
+def test_rayservice_matches_kuberays_crd(profile):
+    rayservice = only(render(PROFILES[profile]), "RayService")
+    assert crd_errors(rayservice, "ray.io_rayservices.yaml") == []
 
 
 def test_lint_is_clean(profile):
@@ -227,17 +291,6 @@ def test_two_worker_groups_keep_their_own_scheduling():
         assert g["template"]["metadata"]["labels"]["kvpilot.io/worker-group"] == g["groupName"]
 
 
-def _chart_with_config(tmp_path: Path, name: str, doc: dict | str) -> Path:
-    """A copy of the chart whose configs/ also holds `name` (and whose schema allows it)."""
-    chart = tmp_path / "kvpilot"
-    shutil.copytree(CHART, chart, symlinks=False, ignore=shutil.ignore_patterns("ci"))
-    (chart / "configs" / name).write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc, sort_keys=False))
-    schema = json.loads((chart / "values.schema.json").read_text())
-    schema["properties"]["serveConfig"]["enum"].append(name)
-    (chart / "values.schema.json").write_text(json.dumps(schema))
-    return chart
-
-
 TWO_GPU_TYPES = {
     "applications": [
         {"name": "other", "import_path": "somewhere.else:app", "args": {}},
@@ -260,8 +313,8 @@ TWO_GPU_TYPES = {
 
 
 def test_models_on_two_gpu_types_get_a_group_each(tmp_path):
-    chart = _chart_with_config(tmp_path, "two-gpus.yaml", TWO_GPU_TYPES)
-    values = {"serveConfig": "two-gpus.yaml", "image": {"repository": "r/kvpilot"},
+    chart = CHART
+    values = {"serveConfig": yaml.safe_dump(TWO_GPU_TYPES, sort_keys=False), **IMAGE,
               "workerGroups": [{"name": "a10g", "models": ["llama-70b"]}, {"name": "l4", "accelerator": "L4"}]}
     docs = render(values, chart)
     _, cfg = _serve_config(docs, tmp_path)  # the second application is kvpilot's
@@ -288,18 +341,17 @@ def test_models_on_two_gpu_types_get_a_group_each(tmp_path):
         render_files({**values, "workerGroups": [{"name": "a10g", "accelerator": "A10G"}]}, chart)
 
 
-def test_cpu_config_is_refused_by_the_template_too(tmp_path):
-    # The schema's enum already refuses CPU configs; the template refuses them on its own as well.
-    chart = _chart_with_config(tmp_path, "cpu.yaml", (CONFIGS / "local-cpu.yaml").read_text())
-    with pytest.raises(Exception, match=r'runs on accelerator "cpu"'):
-        render_files({"serveConfig": "cpu.yaml", "image": {"repository": "r/kvpilot"}}, chart)
+def test_cpu_config_is_refused_naming_the_field():
+    # The laptop configs run on accelerator cpu; the chart's worker groups are GPU pods.
+    with pytest.raises(helm.HelmRenderError, match=r'serveConfig: applications\[0\]\.args\.models\[0\]\.accelerator: "cpu" is not one of T4, '):
+        render_files({"serveConfig": (CONFIGS / "local-cpu.yaml").read_text(), **IMAGE})
 
 
 def test_gpus_per_pod_override_may_split_pipeline_stages(tmp_path):
     doc = yaml.safe_load((CONFIGS / "llama70b-awq.yaml").read_text())
     doc["applications"][0]["args"]["models"][0].update(pipeline_parallel_size=2, accelerator="L4", quantization="awq")
-    chart = _chart_with_config(tmp_path, "pp.yaml", doc)
-    base = {"serveConfig": "pp.yaml", "image": {"repository": "r/kvpilot"}}
+    chart = CHART
+    base = {"serveConfig": yaml.safe_dump(doc), **IMAGE}
     (group,) = ray_cluster(render({**base, "workerGroups": [{"name": "gpu"}]}, chart))["workerGroupSpecs"]
     assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
     # Two pods of two GPUs: each holds one pipeline stage's tensor-parallel pair.
