@@ -2,7 +2,8 @@
 
 One decision = the snapshot of the replicas (``cluster.routing.candidates``: ledger +
 last engine reports + ``PrefixIndex.match_all`` of the prompt's blocks + index sizes, in
-columns) and ``policy.rank_columns``, as the simulator and the live router make it.
+columns), ``policy.rank_columns`` and the policy's ``on_routed`` on the first choice
+(account), as the simulator and the live router make it.
 Hashing the prompt's blocks (``block_hashes``, once per request, before any decision and
 reused if Ray retries it) is timed apart, on random token ids.
 Setup: 64 replicas, each prefix index filled to a Llama-2-70B AWQ replica's
@@ -12,7 +13,7 @@ capacity (22,089 blocks), a 512-token system prompt cached everywhere, and an
     .venv/bin/python benchmarks/sim_router_decision.py [--replicas 64] [--prompt-tokens 8192] [--n 3000]
 
 Prints p50/p99 in microseconds of the whole decision and of each part, per policy: match is
-the part of snapshot spent in ``match_all``, timed on its own.
+the part of snapshot spent in ``match_all``, timed on its own; account is ``on_routed``.
 """
 
 from __future__ import annotations
@@ -76,9 +77,12 @@ def decide(policy, rids, index, ledger, stats, req, cap_tokens: int, times: dict
     t1 = time.perf_counter_ns()
     choice = policy.rank_columns(req, cands)[0]
     t2 = time.perf_counter_ns()
+    policy.on_routed(req, choice, cands.cached_blocks[rids.index(choice)])
+    t3 = time.perf_counter_ns()
     times["snapshot"].append((t1 - t0) / 1e3)
     times["rank"].append((t2 - t1) / 1e3)
-    times["total"].append((t2 - t0) / 1e3)
+    times["account"].append((t3 - t2) / 1e3)
+    times["total"].append((t3 - t0) / 1e3)
     return choice
 
 
@@ -103,12 +107,12 @@ def main() -> int:
     print(f"hash, once per request (block_hashes of {ns.prompt_tokens} token ids, not in the decision): "
           f"p50 {statistics.median(hash_us):.1f}, p99 {_pct(hash_us, 99):.1f}")
     print(f"{'policy':<16}{'total p50':>10}{'p99':>9}{'match p50':>11}{'snapshot p50':>14}{'rank p50':>10}"
-          f"{'rank p99':>10}")
+          f"{'rank p99':>10}{'account p50':>13}")
     for name in ns.policies.split(","):
         clock = [0.0]
         extra = {"clock": lambda: clock[0]} if name == "kvpilot" else None
         policy = make_policy(name, extra, seed=1)
-        times: dict[str, list[float]] = {"match": [], "snapshot": [], "rank": [], "total": []}
+        times: dict[str, list[float]] = {"match": [], "snapshot": [], "rank": [], "account": [], "total": []}
         for i in range(ns.n + 200):
             clock[0] = i * 0.01
             decide(policy, rids, index, ledger, stats, req, KV_BLOCKS * 16, times)
@@ -117,7 +121,8 @@ def main() -> int:
         match = f"{statistics.median(times['match']):>11.1f}" if times["match"] else f"{'-':>11}"
         print(f"{name:<16}{statistics.median(times['total']):>10.1f}{_pct(times['total'], 99):>9.1f}{match}"
               f"{statistics.median(times['snapshot']):>14.1f}"
-              f"{statistics.median(times['rank']):>10.1f}{_pct(times['rank'], 99):>10.1f}")
+              f"{statistics.median(times['rank']):>10.1f}{_pct(times['rank'], 99):>10.1f}"
+              f"{statistics.median(times['account']):>13.1f}")
     return 0
 
 

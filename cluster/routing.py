@@ -12,6 +12,7 @@ Baselines follow the published behaviour of their systems (see
 from __future__ import annotations
 
 import random
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -305,7 +306,15 @@ def candidates(replica_ids: Sequence[str], ledger: Ledger, kv_cache_usage: Seque
 
 
 class Policy:
-    """Ranks replicas for a request. Subclasses are registered by ``name``; params are keyword arguments."""
+    """Ranks replicas for a request. Subclasses are registered by ``name``; params are keyword arguments.
+
+    Ranking changes no account, so a caller may rank one request twice (Serve does, after a
+    backoff) and send it to any replica of the ranking (Serve falls back to the next one when
+    the first is full); its only side effect is drawing random tie-breaks from ``rng``. A
+    policy's own account changes in two hooks, which the live router, the simulator and the
+    tests call the same way: ``on_routed`` once, on the replica the request actually went to,
+    and ``on_finished`` when it ends there (or the replica is gone).
+    """
 
     name = ""
     uses_prefix = False  # whether the router should maintain the prefix index for it
@@ -321,6 +330,12 @@ class Policy:
         """``rank`` over the snapshot in columns (what the simulator and the live router call)."""
         return self.rank(req, cands.rows())
 
+    def on_routed(self, req: RoutingRequest, replica_id: str, cached_blocks: int = 0) -> None:
+        """The request went to ``replica_id``, which held its first ``cached_blocks`` blocks (prefix index)."""
+
+    def on_finished(self, req: RoutingRequest, replica_id: str) -> None:
+        """The request routed to ``replica_id`` ended there (finished, failed, or the replica is gone)."""
+
 
 def _by(replicas: Sequence[ReplicaLoad], key: Callable[[ReplicaLoad], Any]) -> list[str]:
     return [r.replica_id for r in sorted(replicas, key=key)]
@@ -331,13 +346,15 @@ class RoundRobin(Policy):
 
     def __init__(self, seed: int = 0):
         super().__init__(seed)
-        self._next = 0
+        self._routed = 0  # requests routed so far: the next one starts the rotation there
 
     def rank(self, req, replicas):
         ids = sorted(r.replica_id for r in replicas)
-        i = self._next % len(ids)
-        self._next += 1
+        i = self._routed % len(ids)
         return ids[i:] + ids[:i]
+
+    def on_routed(self, req, replica_id, cached_blocks=0):
+        self._routed += 1
 
 
 class PowerOfTwo(Policy):
@@ -462,15 +479,16 @@ class KVPilot(Policy):
              + load_weight × unaccounted tokens in flight
              + kv_penalty_tokens × (KV use after admission − kv_high), when that is positive
 
-    *Prefill owed* is this policy's own account: every request it routes adds its
-    uncached tokens to its replica's queue, and each queue drains at the replica's
+    *Prefill owed* is this policy's own account: ``on_routed`` adds a request's uncached
+    tokens to the queue of the replica it went to, and each queue drains at the replica's
     effective prefill speed (``prefill_tokens_per_s × prefill_efficiency``: attention
     and the decodes batched into each step take the rest of it) as ``clock`` advances.
     Unlike tokens in flight, it forgets a request once its prefill is done, so a
     replica busy decoding long prompts is not mistaken for one with a queue, and a
     replica that just took a 30k-token prompt is (its engine still reports an empty
-    waiting queue while the prompt is being chunked through). It is clamped by the
-    router's ledger: never more than the tokens in flight, zero when nothing is.
+    waiting queue while the prompt is being chunked through). It never exceeds the
+    tokens this policy has in flight there (``on_finished`` takes them back), and a
+    replica with none owes nothing.
 
     *Unaccounted tokens in flight* are ledger tokens this policy did not route (another
     router's, or all of them for a fresh policy): treated as queued work, at ``load_weight``.
@@ -483,8 +501,7 @@ class KVPilot(Policy):
 
     The simulator supplies ``clock`` (simulated seconds) and ``prefill_tokens_per_s``
     (from its step model); a live router passes ``time.monotonic`` and the replica's
-    measured or modelled prefill speed. The estimate assumes the first replica of the
-    ranking is the one used.
+    measured or modelled prefill speed.
     """
 
     name = "kvpilot"
@@ -503,94 +520,81 @@ class KVPilot(Policy):
         self.kv_penalty_tokens = kv_penalty_tokens
         self.block_tokens = block_tokens
         self.drain_rate = prefill_tokens_per_s * prefill_efficiency  # tokens of queued prefill per second
-        if clock is None:
-            import time
-
-            clock = time.monotonic
-        self.clock = clock
-        self._owed: dict[str, float] = {}  # replica -> uncached prompt tokens queued for prefill
-        self._seen: dict[str, float] = {}  # replica -> when _owed was last drained
-        self._mine: dict[str, int] = {}  # replica -> ledger tokens (prompt + budget) this policy routed there
-        self._ids: list[str] | None = None  # the candidates the lists below follow (the dicts hold the rest)
-        self._a_owed: list[float] = []
-        self._a_seen: list[float] = []
-        self._a_mine: list[int] = []
+        self.clock = clock or time.monotonic
+        self._empty_at: dict[str, float] = {}  # replica -> when the prefill this policy queued there is done
+        self._mine: dict[str, int] = {}  # replica -> tokens (prompt + budget) this policy has in flight there
 
     def rank(self, req, replicas):
         return self.rank_columns(req, Candidates.of(replicas))
 
-    def _align(self, ids: list[str]) -> None:
-        """Move the per-replica state into lists in the order of ``ids`` (the dicts keep the rest)."""
-        if self._ids is not None:
-            for rid, o, s, m in zip(self._ids, self._a_owed, self._a_seen, self._a_mine):
-                self._owed[rid], self._seen[rid], self._mine[rid] = o, s, m
-        self._ids = ids
-        self._a_owed = [self._owed.get(r, 0.0) for r in ids]
-        self._a_seen = [self._seen.get(r, 0.0) for r in ids]
-        self._a_mine = [self._mine.get(r, 0) for r in ids]
-
     def rank_columns(self, req, cands):
-        # Column-wise, one list comprehension per term, over state kept in the candidates' order
-        # while they stay the same replicas in the same order (always, in the simulator).
-        ids = cands.replica_id
-        key = ids if type(ids) is list else list(ids)
-        if key != self._ids:
-            self._align(key if key is not ids else list(ids))
-        n = len(ids)
-        now = self.clock()
-        prompt, max_tokens = req.prompt_tokens, req.max_tokens
-        rifs, tifs = cands.requests_in_flight, cands.tokens_in_flight
-        owed, mine = self._a_owed, self._a_mine
-        if any(owed):
-            # prefill this policy queued there, drained since it last looked; bounded by the ledger
-            drain = self.drain_rate
-            owed = [(0.0 if (x := o - drain * (now - s)) <= 0 or not r else (t if t < x else x)) if o else o
-                    for o, s, r, t in zip(owed, self._a_seen, rifs, tifs)]
-        seen = [now] * n
-        mine = [t if m > t else m for m, t in zip(mine, tifs)]  # requests finished: the ledger is the truth
-        cached = cands.cached_blocks
-        if any(cached):
-            bt, pm1 = self.block_tokens, prompt - 1
-            if prompt > 0:  # no cached blocks: prompt - min(prompt - 1, 0) is the prompt already
-                unc = [prompt - (x if (x := cb * bt) < pm1 else pm1) for cb in cached]
-            else:
-                unc = [prompt - (x if (x := cb * bt) < pm1 else pm1) if cb else prompt for cb in cached]
-        else:
-            unc = [prompt] * n
+        now, ids, tifs = self.clock(), cands.replica_id, cands.tokens_in_flight
+        mine = [self._mine.get(rid, 0) for rid in ids]
+        uncached = self._uncached(req.prompt_tokens, cands.cached_blocks)
+        owed = self._owed(ids, mine, now)
         lw = self.load_weight
-        cost = [u + o + lw * (t - m) for u, o, t, m in zip(unc, owed, tifs, mine)]
-        caps = cands.kv_capacity_tokens
-        cap_hi = max(caps) if n else 0
-        if cap_hi:
-            kv_high, kvp, usages = self.kv_high, self.kv_penalty_tokens, cands.kv_cache_usage
-            if cap_hi == min(caps):
-                cap = cap_hi
-                # after ≤ this bound for every replica (rounding is monotone): skip the column when it is safe
-                if max(max(usages), max(tifs) / cap) + (prompt + max_tokens) / cap > kv_high:
-                    cost = [x + kvp * (a - kv_high)
-                            if (a := (q if (q := t / cap) > u else u) + (un + max_tokens) / cap) > kv_high else x
-                            for x, u, t, un in zip(cost, usages, tifs, unc)]
-            else:
-                cost = [x + kvp * (a - kv_high)
-                        if cap and (a := (q if (q := t / cap) > u else u) + (un + max_tokens) / cap) > kv_high else x
-                        for x, u, t, un, cap in zip(cost, usages, tifs, unc, caps)]
+        unaccounted = [t - m if t > m else 0 for t, m in zip(tifs, mine)]
+        cost = [u + o + lw * x for u, o, x in zip(uncached, owed, unaccounted)]
+        self._add_kv_penalty(cost, req, uncached, cands)
+        return self._ordered(cost, cands.requests_in_flight, ids)
+
+    def on_routed(self, req, replica_id, cached_blocks=0):
+        now, mine = self.clock(), self._mine.get(replica_id, 0)
+        owed = self._owed([replica_id], [mine], now)[0] + self._uncached(req.prompt_tokens, [cached_blocks])[0]
+        self._empty_at[replica_id] = now + owed / self.drain_rate
+        self._mine[replica_id] = mine + req.prompt_tokens + req.max_tokens
+
+    def on_finished(self, req, replica_id):
+        left = self._mine.get(replica_id, 0) - req.prompt_tokens - req.max_tokens
+        if left > 0:
+            self._mine[replica_id] = left
+        else:  # nothing of this policy's left there: it owes nothing, and its entries go
+            self._mine.pop(replica_id, None)
+            self._empty_at.pop(replica_id, None)
+
+    def _uncached(self, prompt: int, cached_blocks: Sequence[int]) -> list[int]:
+        """Prompt tokens each replica must compute: all but its cached blocks, and always the last token."""
+        if prompt <= 0 or not any(cached_blocks):
+            return [prompt] * len(cached_blocks)
+        bt = self.block_tokens
+        return [prompt - cb * bt if cb * bt < prompt else 1 for cb in cached_blocks]
+
+    def _owed(self, ids: Sequence[str], mine: Sequence[int], now: float) -> list[float]:
+        """Prefill still queued on each replica (its queue drains until ``_empty_at``), at most ``mine``."""
+        if not self._empty_at:
+            return [0.0] * len(ids)
+        drain, empty_at = self.drain_rate, [self._empty_at.get(rid, now) for rid in ids]
+        queued = [drain * (e - now) if e > now else 0.0 for e in empty_at]
+        return [q if q < m else m for q, m in zip(queued, mine)]
+
+    def _add_kv_penalty(self, cost: list[float], req: RoutingRequest, uncached: list[int], cands: Candidates) -> None:
+        """Add the penalty where KV use after admission (capacity known) would pass ``kv_high``."""
+        kv_high, budget, caps = self.kv_high, req.max_tokens, cands.kv_capacity_tokens
+        usages, tifs = cands.kv_cache_usage, cands.tokens_in_flight
+        known = [c for c in caps if c]
+        if not known:
+            return
+        # A bound on every replica's use after admission: the fullest one's, this whole prompt, the smallest cache.
+        smallest = min(known)
+        if max(max(usages), max(tifs) / smallest) + (req.prompt_tokens + budget) / smallest <= kv_high:
+            return
+        # KV tokens in use (the engine's last report or the ledger, the larger) plus this request's, over capacity
+        excess = [((u * cap if u * cap > t else t) + x + budget) / cap - kv_high if cap else 0.0
+                  for u, t, x, cap in zip(usages, tifs, uncached, caps)]
+        kvp = self.kv_penalty_tokens
+        for i, e in enumerate(excess):
+            if e > 0:
+                cost[i] += kvp * e
+
+    def _ordered(self, cost: list[float], rifs: Sequence[int], ids: Sequence[str]) -> list[str]:
+        """Replica ids by cost; equal costs by fewer requests in flight, then at random."""
+        n = len(ids)
         if len(set(cost)) == n:
-            # No two costs equal: the order is by cost alone. The tie-break draws are still taken
-            # (getrandbits(64 n) advances the generator exactly as n random() calls), so the
-            # generator's state, and every later decision, is the same as with the tuple sort below.
-            self.rng.getrandbits(64 * n)
-            ranked = sorted(range(n), key=cost.__getitem__)
-            b = ranked[0]
-            ranked = [ids[i] for i in ranked]
+            order = sorted(range(n), key=cost.__getitem__)
         else:
-            rand = self.rng.random
-            keys = sorted(zip(cost, rifs, [rand() for _ in range(n)], ids))
-            ranked = [k[3] for k in keys]
-            b = ids.index(ranked[0])
-        owed[b] = owed[b] + unc[b]
-        mine[b] = mine[b] + prompt + max_tokens
-        self._a_owed, self._a_seen, self._a_mine = owed, seen, mine
-        return ranked
+            tie = [self.rng.random() for _ in range(n)]
+            order = sorted(range(n), key=lambda i: (cost[i], rifs[i], tie[i]))
+        return [ids[i] for i in order]
 
 
 POLICIES: dict[str, type[Policy]] = {
@@ -599,8 +603,14 @@ POLICIES: dict[str, type[Policy]] = {
 DEFAULT_POLICY = "kvpilot"
 
 
-def make_policy(name: str, params: dict[str, Any] | None = None, seed: int = 0) -> Policy:
-    """Build a registered policy; unknown names and parameters are refused with the valid choices."""
+def make_policy(name: str, params: dict[str, Any] | None = None, seed: int = 0,
+                block_tokens: int | None = None) -> Policy:
+    """Build a registered policy; unknown names and parameters are refused with the valid choices.
+
+    ``block_tokens``: the block size the caller hashes prompts in (the plan's KV block: 16 on
+    GPUs, 128 on CPUs). A policy that turns cached blocks into tokens gets it, so a cached
+    block counts the tokens it holds; a ``params`` value that disagrees is refused.
+    """
     if name not in POLICIES:
         raise ValueError(f"{name!r} is not a routing policy; choose one of {', '.join(POLICIES)}")
     cls = POLICIES[name]
@@ -611,6 +621,10 @@ def make_policy(name: str, params: dict[str, Any] | None = None, seed: int = 0) 
     for key in params:
         if key not in accepted:
             raise ValueError(f"{key!r} is not a parameter of policy {name!r}; it takes {', '.join(accepted) or 'none'}")
+    if block_tokens is not None and "block_tokens" in accepted:
+        if params.setdefault("block_tokens", block_tokens) != block_tokens:
+            raise ValueError(f"block_tokens {params['block_tokens']!r} of policy {name!r} differs from the "
+                             f"{block_tokens}-token blocks the router hashes prompts in")
     return cls(seed=seed, **params)
 
 

@@ -4,11 +4,15 @@ Selected per model through ``request_router_config`` (see
 ``cluster.placement.deployment_options``). It runs in the caller's process (the
 ingress), so it sees every request this ingress sends to the model:
 
-- its ``Ledger`` counts requests and tokens in flight per replica from
-  ``on_request_routed`` to ``on_request_completed``, so a burst between two
-  engine reports is not routed on a stale picture;
-- its ``PrefixIndex`` records which prompt blocks went where, bounded, and
-  forgets a replica the moment Serve reports it dead or gone;
+- ``choose_replicas`` only ranks (the policy's ranking changes no account), so Serve
+  may call it again after a backoff and use any replica of the ranking;
+- ``on_request_routed`` charges the replica Serve actually used, once: the router's
+  ``Ledger`` (requests and tokens in flight per replica, so a burst between two engine
+  reports is not routed on a stale picture), its ``PrefixIndex`` (which prompt blocks
+  went where, bounded) and the policy's ``on_routed``;
+- ``on_request_completed`` gives it back (``Ledger.finished``, the policy's
+  ``on_finished``), and so does a replica that Serve reports dead or gone, whose
+  blocks the index forgets at once;
 - engine stats (KV use, running, waiting) come from each replica's
   ``record_routing_stats()``.
 """
@@ -16,14 +20,32 @@ ingress), so it sees every request this ingress sends to the model:
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from cluster import metrics as M
 from cluster.routing import Candidates, Ledger, PrefixIndex, RoutingRequest, block_hashes, candidates, make_policy
-from deployments.protocol import GenerationRequest
 from deployments.telemetry import Recorder
+
+# Requests whose routing facts are kept between Serve's calls (choose_replicas, again after a
+# backoff, then on_request_routed): one that is cancelled before it is routed is never told to
+# the router, so the oldest entries go beyond this many (re-hashed if Serve asks again).
+MAX_PLACING = 4096
+
+
+def _routing_facts(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Sequence[int], int]:
+    """(prompt token ids, max_tokens) of the request: the first argument that has both attributes.
+
+    The router needs nothing else of the request object, so any object the ingress passes
+    to the replica will do; none found: an empty prompt and no decode budget.
+    """
+    for arg in (*args, *kwargs.values()):
+        if hasattr(arg, "prompt_token_ids") and hasattr(arg, "max_tokens"):
+            return arg.prompt_token_ids or (), arg.max_tokens or 0
+    return (), 0
 
 
 class KVPilotRouter(RequestRouter):
@@ -37,25 +59,25 @@ class KVPilotRouter(RequestRouter):
         max_index_blocks: int = 1_000_000,
         seed: int = 0,
     ) -> None:
-        self._policy = make_policy(policy, params, seed)
+        self._policy = make_policy(policy, params, seed, block_tokens=block_tokens)
         self._policy_name = policy
         self._rec = Recorder(model=model, policy=policy)
         self._block_tokens = block_tokens
         self._capacity = kv_capacity_tokens
         self._index = PrefixIndex(max_index_blocks, block_tokens)
         self._ledger = Ledger()
-        self._inflight: dict[str, tuple[str, int]] = {}  # internal request id → (replica, tokens)
-        self._pending: dict[str, RoutingRequest] = {}  # routing facts of requests being placed
+        self._inflight: dict[str, tuple[str, RoutingRequest]] = {}  # internal request id → (replica, request)
+        self._placing: OrderedDict[str, RoutingRequest] = OrderedDict()  # routing facts, hashed once per request
 
     def _routing_request(self, pending: PendingRequest) -> RoutingRequest:
         rid = pending.metadata.internal_request_id
-        req = self._pending.get(rid)
+        req = self._placing.get(rid)
         if req is None:
-            gen = next((a for a in pending.args if isinstance(a, GenerationRequest)), None)
-            ids = gen.prompt_token_ids if gen is not None else []
+            ids, max_tokens = _routing_facts(pending.args, pending.kwargs or {})
             hashes = block_hashes(ids, self._block_tokens) if self._policy.uses_prefix else ()
-            req = RoutingRequest(len(ids), (gen.max_tokens or 0) if gen is not None else 0, hashes)
-            self._pending[rid] = req
+            req = self._placing[rid] = RoutingRequest(len(ids), max_tokens, hashes)
+            if len(self._placing) > MAX_PLACING:
+                self._placing.popitem(last=False)
         return req
 
     def _candidates(self, replicas: list[RunningReplica], req: RoutingRequest) -> Candidates:
@@ -88,29 +110,40 @@ class KVPilotRouter(RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         rid = pending_request.metadata.internal_request_id
         req = self._routing_request(pending_request)
-        del self._pending[rid]
+        self._placing.pop(rid, None)
+        if rid in self._inflight:  # routed again under the same id: the earlier placement is over
+            self._release(rid)
         uid = replica_id.unique_id
-        tokens = req.prompt_tokens + req.max_tokens
-        self._ledger.sent(uid, tokens)
-        self._inflight[rid] = (uid, tokens)
+        matched = self._index.match(uid, req.block_hashes) if req.block_hashes else 0
+        self._policy.on_routed(req, uid, matched)
+        self._ledger.sent(uid, req.prompt_tokens + req.max_tokens)
+        self._inflight[rid] = (uid, req)
         if req.block_hashes:
-            matched = self._index.match(uid, req.block_hashes)
             self._rec.observe(M.ROUTER_PREFIX_MATCH, matched / len(req.block_hashes))
             self._index.insert(uid, req.block_hashes)
         self._rec.inc(M.ROUTER_DECISIONS, 1, replica=uid)
         self._rec.set(M.ROUTER_TOKENS_IN_FLIGHT, self._ledger.tokens[uid], replica=uid)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self._pending.pop(internal_request_id, None)
-        entry = self._inflight.pop(internal_request_id, None)
-        if entry is not None:
-            self._ledger.finished(*entry)
-            self._rec.set(M.ROUTER_TOKENS_IN_FLIGHT, self._ledger.tokens.get(entry[0], 0), replica=entry[0])
+        self._placing.pop(internal_request_id, None)
+        uid = self._release(internal_request_id)
+        if uid is not None:
+            self._rec.set(M.ROUTER_TOKENS_IN_FLIGHT, self._ledger.tokens.get(uid, 0), replica=uid)
+
+    def _release(self, rid: str) -> str | None:
+        """Give back what a routed request was charged (ledger and policy); its replica, None if unknown."""
+        entry = self._inflight.pop(rid, None)
+        if entry is None:
+            return None
+        uid, req = entry
+        self._ledger.finished(uid, req.prompt_tokens + req.max_tokens)
+        self._policy.on_finished(req, uid)
+        return uid
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         live = {r.replica_id.unique_id for r in replicas}
-        for uid in set(self._index.replicas()) - live:
+        for uid in (set(self._index.replicas()) | set(self._ledger.requests)) - live:
             self._forget(uid)
         if self._capacity:
             for uid in live:
@@ -121,7 +154,7 @@ class KVPilotRouter(RequestRouter):
         self._forget(replica_id.unique_id)
 
     def _forget(self, uid: str) -> None:
+        for rid in [rid for rid, (u, _) in self._inflight.items() if u == uid]:
+            self._release(rid)
         self._index.remove_replica(uid)
         self._ledger.forget(uid)
-        for rid in [rid for rid, (u, _) in self._inflight.items() if u == uid]:
-            del self._inflight[rid]

@@ -68,8 +68,8 @@ from cluster.config import AutoscalingConfig
 from cluster.routing import Ledger, PrefixIndex, make_policy
 from cluster.sim.engine import Replica, SimRequest
 from cluster.sim.metrics import PolicyResult, summarize
-from cluster.sim.simulator import Setup, _injected, route
-from cluster.sim.workload import Workload
+from cluster.sim.simulator import Setup, _injected, finished, route
+from cluster.sim.workload import BLOCK_TOKENS as HASH_BLOCK_TOKENS, Workload
 
 DEFAULT_PERIOD_S = 1.0
 # Start-up of a new replica = weights read + engine warm-up. Weights (the planner's figure for
@@ -360,7 +360,8 @@ def _run(workload: Workload, scaler: Autoscaler, setup: Setup, lo: int, hi: int,
          routing: str, routing_params: dict | None, progress: Callable[[int], None] | None) -> AutoscaleResult:
     wall0 = time.perf_counter()
     sim_now = [0.0]
-    policy = make_policy(routing, _injected(routing, routing_params, setup, lambda: sim_now[0]), seed=setup.seed)
+    policy = make_policy(routing, _injected(routing, routing_params, setup, lambda: sim_now[0]), seed=setup.seed,
+                         block_tokens=HASH_BLOCK_TOKENS)
     uses_prefix = policy.uses_prefix
     cap_tokens = setup.num_blocks * setup.plan.block_size
     stats_period = setup.stats_period_s
@@ -487,7 +488,7 @@ def _run(workload: Workload, scaler: Autoscaler, setup: Setup, lo: int, hi: int,
                 continue
             rep = r.eng
             for q in rep.end_step(t):
-                ledger.finished(r.rid, q.routing_tokens)
+                finished(policy, ledger, r.rid, q)
                 outstanding -= 1
             if rep.busy:
                 version[i] += 1

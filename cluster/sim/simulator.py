@@ -12,8 +12,9 @@ Per request, at its arrival, the router builds its snapshot of the replicas
   replica holds (the request's blocks are inserted on the chosen replica at
   routing time; capacity per replica = the planner's KV blocks),
 
-and sends it to ``policy.rank_columns(...)[0]``. Time advances event by event: arrivals,
-engine step ends, stats reports.
+and sends it to ``policy.rank_columns(...)[0]``, then calls the policy's ``on_routed`` on
+that replica and its ``on_finished`` when the request ends, as the live router does. Time
+advances event by event: arrivals, engine step ends, stats reports.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from cluster.routing import POLICIES, Ledger, PrefixIndex, RoutingRequest, candi
 from cluster.sim.engine import Replica, SimRequest
 from cluster.sim.metrics import SLO, PolicyResult, summarize
 from cluster.sim.perfmodel import StepModel, step_model_for
-from cluster.sim.workload import Workload
+from cluster.sim.workload import BLOCK_TOKENS as HASH_BLOCK_TOKENS, Workload
 
 DEFAULT_STATS_PERIOD_S = 1.0
 DEFAULT_MAX_MODEL_LEN = 32768
@@ -148,10 +149,17 @@ def route(policy, tr, hashes: tuple[int, ...], rids: list[str], usage, running, 
     rreq = RoutingRequest(prompt_tokens=tr.prompt_tokens, max_tokens=tr.output_tokens, block_hashes=hashes)
     cands = candidates(rids, ledger, usage, running, waiting, cap_tokens, index, hashes, policy.uses_index_blocks)
     choice = policy.rank_columns(rreq, cands)[0]
+    policy.on_routed(rreq, choice, cands.cached_blocks[rids.index(choice)])
     ledger.sent(choice, tr.prompt_tokens + tr.output_tokens)
     if index is not None:
         index.insert(choice, hashes)
     return choice, SimRequest(tr.index, tr.arrival_s, tr.prompt_tokens, tr.output_tokens, hashes)
+
+
+def finished(policy, ledger: Ledger, rid: str, q: SimRequest) -> None:
+    """A request ended on replica ``rid``: the router's ledger and the policy's hook, as the live router does."""
+    ledger.finished(rid, q.routing_tokens)
+    policy.on_finished(RoutingRequest(prompt_tokens=q.prompt, max_tokens=q.target), rid)
 
 
 def simulate(workload: Workload, policy_name: str, setup: Setup, *, policy_params: dict | None = None,
@@ -174,7 +182,7 @@ def _simulate(workload: Workload, policy_name: str, setup: Setup, policy_params:
     wall0 = time.perf_counter()
     sim_now = [0.0]
     policy = make_policy(policy_name, _injected(policy_name, policy_params, setup, lambda: sim_now[0]),
-                         seed=setup.seed)
+                         seed=setup.seed, block_tokens=HASH_BLOCK_TOKENS)
     n = setup.replicas
     reps = [Replica(i, num_blocks=setup.num_blocks, model=setup.step, block_size=setup.plan.block_size,
                     max_num_batched_tokens=setup.max_num_batched_tokens, max_num_seqs=setup.max_num_seqs)
@@ -214,7 +222,7 @@ def _simulate(workload: Workload, policy_name: str, setup: Setup, policy_params:
             if ver != version[i]:
                 continue
             for q in rep.end_step(t):
-                ledger.finished(rids[i], q.routing_tokens)
+                finished(policy, ledger, rids[i], q)
                 outstanding -= 1
             if rep.busy:
                 version[i] += 1

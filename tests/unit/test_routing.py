@@ -146,67 +146,103 @@ def test_a_dead_replicas_blocks_are_gone_from_every_match():
     assert len(idx._holders) == 10
 
 
-class _KVPilotBefore:
-    """KVPilot.rank as it was, one ReplicaLoad at a time: the columnar rank must decide exactly like it."""
-
-    def __init__(self, p):
-        self.p = p
-
-    def rank(self, req, replicas):
-        p, now = self.p, self.p.clock()
-        prompt, bt = req.prompt_tokens, p.block_tokens
-        scored = []
-        for r in replicas:
-            rid, tif = r.replica_id, r.tokens_in_flight
-            owed = p._owed.get(rid, 0.0)
-            if owed:
-                owed -= p.drain_rate * (now - p._seen[rid])
-                owed = p._owed[rid] = 0.0 if owed <= 0 or not r.requests_in_flight else min(owed, tif)
-            p._seen[rid] = now
-            mine = p._mine.get(rid, 0)
-            if mine > tif:
-                mine = p._mine[rid] = tif
-            uncached = prompt - min(prompt - 1, r.cached_blocks * bt) if r.cached_blocks else prompt
-            c = uncached + owed + p.load_weight * (tif - mine)
-            cap = r.kv_capacity_tokens
-            if cap:
-                after = max(r.kv_cache_usage, tif / cap) + (uncached + req.max_tokens) / cap
-                if after > p.kv_high:
-                    c += p.kv_penalty_tokens * (after - p.kv_high)
-            scored.append((c, r.requests_in_flight, p.rng.random(), rid, uncached))
-        scored.sort()
-        _, _, _, rid, uncached = scored[0]
-        p._owed[rid] = p._owed.get(rid, 0.0) + uncached
-        p._mine[rid] = p._mine.get(rid, 0) + prompt + req.max_tokens
-        return [s[3] for s in scored]
+def _kvpilot_cost(p, req, r: ReplicaLoad, now: float) -> float:
+    """KVPilot's cost of one replica, written from its docstring, one ReplicaLoad at a time."""
+    mine = p._mine.get(r.replica_id, 0)
+    owed = min(max(0.0, p.drain_rate * (p._empty_at.get(r.replica_id, now) - now)), mine)
+    uncached = req.prompt_tokens - min(req.prompt_tokens - 1, r.cached_blocks * p.block_tokens) \
+        if r.cached_blocks and req.prompt_tokens > 0 else req.prompt_tokens
+    cost = uncached + owed + p.load_weight * max(0, r.tokens_in_flight - mine)
+    if r.kv_capacity_tokens:
+        cap = r.kv_capacity_tokens
+        after = (max(r.kv_cache_usage * cap, r.tokens_in_flight) + uncached + req.max_tokens) / cap
+        if after > p.kv_high:
+            cost += p.kv_penalty_tokens * (after - p.kv_high)
+    return cost
 
 
-def test_kvpilot_columns_rank_exactly_as_the_per_replica_rank_did():
+def test_kvpilot_ranks_by_its_documented_cost_through_routes_finishes_and_time():
     import random
-
-    from cluster.routing import Candidates
 
     rng = random.Random(3)
     clock = [0.0]
-    new = make_policy("kvpilot", {"clock": lambda: clock[0]}, seed=5)
-    old = _KVPilotBefore(make_policy("kvpilot", {"clock": lambda: clock[0]}, seed=5))
+    p = make_policy("kvpilot", {"clock": lambda: clock[0]}, seed=5)
     rids = [f"r{i}" for i in range(12)]
-    ledger = Ledger()
+    ledger, live = Ledger(), []
     for step in range(2000):
         clock[0] += rng.choice([0.0, 0.01, 0.5, 3.0])
-        for rid in rids:
-            if ledger.requests.get(rid) and rng.random() < 0.2:
-                ledger.finished(rid, rng.randrange(0, 3000))
+        for rid, req in list(live):
+            if rng.random() < 0.2:
+                live.remove((rid, req))
+                ledger.finished(rid, req.prompt_tokens + req.max_tokens)
+                p.on_finished(req, rid)
         cands = rids if step % 50 else rng.sample(rids, 7)  # sometimes a subset, in another order
-        loads = [ReplicaLoad(r, ledger.requests.get(r, 0), ledger.tokens.get(r, 0),
+        loads = [ReplicaLoad(r, ledger.requests.get(r, 0), ledger.tokens.get(r, 0) + rng.choice([0, 0, 500]),
                              kv_cache_usage=rng.choice([0.0, 0.5, rng.random()]),
                              kv_capacity_tokens=rng.choice([40_000, 40_000, 0, 9_000]) if step % 3 else 40_000,
                              cached_blocks=rng.choice([0, 0, 4, 64, 500])) for r in cands]
         req = RoutingRequest(rng.choice([1000, 4000, 8192]), rng.choice([0, 256]), ())
-        got = new.rank_columns(req, Candidates.of(loads))
-        assert got == old.rank(req, loads), step
-        ledger.sent(got[0], req.prompt_tokens + req.max_tokens)
-    assert new.rng.random() == old.p.rng.random()
+        ranked = p.rank(req, loads)
+        costs = {r.replica_id: _kvpilot_cost(p, req, r, clock[0]) for r in loads}
+        assert [costs[r] for r in ranked] == sorted(costs.values()), step
+        chosen = ranked[rng.choice([0, 0, 0, 1])]  # sometimes Serve falls back to the second
+        row = next(r for r in loads if r.replica_id == chosen)
+        p.on_routed(req, chosen, row.cached_blocks)
+        ledger.sent(chosen, req.prompt_tokens + req.max_tokens)
+        live.append((chosen, req))
+    for rid, req in live:
+        p.on_finished(req, rid)
+    assert not p._mine and not p._empty_at  # every request given back: nothing left owed
+
+
+def test_ranking_changes_no_account_only_the_hooks_do():
+    clock = [0.0]
+    for name in ("kvpilot", "round_robin"):  # the policies that keep an account (the others only draw at random)
+        p = make_policy(name, {"clock": lambda: clock[0]} if name == "kvpilot" else None, seed=1)
+        req = _req(tokens=2048)
+        reps = [_r("a", requests_in_flight=1, tokens_in_flight=100), _r("b", requests_in_flight=2, tokens_in_flight=90),
+                _r("c", requests_in_flight=3, tokens_in_flight=80)]
+        first = p.rank(req, reps)
+        assert p.rank(req, reps) == first, name  # Serve asking again after a backoff sees the same ranking
+        p.on_routed(req, first[0])
+        assert p.rank(req, reps)[0] != first[0], name  # the replica it went to is charged
+
+
+def test_kvpilot_charges_the_replica_used_and_gives_it_back():
+    clock = [0.0]
+    p = make_policy("kvpilot", {"clock": lambda: clock[0], "load_weight": 0.0})
+    req = _req(tokens=2000)
+    reps = [_r("a"), _r("b", requests_in_flight=1)]  # equal costs: fewer requests in flight first
+    assert p.rank(req, reps) == ["a", "b"]
+    p.on_routed(req, "b")  # Serve fell back to the second: b owes 2000 tokens of prefill
+    assert p.rank(req, [_r("a", requests_in_flight=5), _r("b")]) == ["a", "b"]
+    p.on_routed(req, "a")
+    p.on_routed(req, "a")  # a owes 4000
+    assert p.rank(req, reps) == ["b", "a"]
+    clock[0] = 4000 / p.drain_rate + 1.0  # drained by more than 4000 tokens since: both queues empty
+    assert p.rank(req, reps) == ["a", "b"]
+    clock[0] = 0.0
+    p.on_finished(req, "a")
+    assert p.rank(req, reps) == ["b", "a"]  # one of a's requests still in flight: its prefill still owed
+    p.on_finished(req, "a")  # nothing of this policy's left on a: a owes nothing
+    assert p.rank(req, reps) == ["a", "b"] and "a" not in p._empty_at
+
+
+def test_round_robin_turns_on_routing_not_on_ranking():
+    p = make_policy("round_robin")
+    reps = [_r("a"), _r("b"), _r("c")]
+    assert p.rank(_req(), reps) == p.rank(_req(), reps) == ["a", "b", "c"]
+    p.on_routed(_req(), "c")
+    assert p.rank(_req(), reps) == ["b", "c", "a"]
+
+
+def test_policies_count_blocks_in_the_routers_block_size():
+    for name in ("kvpilot", "dynamo"):
+        assert make_policy(name, block_tokens=128).block_tokens == 128
+        assert make_policy(name, {"block_tokens": 128}, block_tokens=128).block_tokens == 128
+        with pytest.raises(ValueError, match="block_tokens 16 of policy .* differs from the 128-token blocks"):
+            make_policy(name, {"block_tokens": 16}, block_tokens=128)
+    make_policy("pow2", block_tokens=128)  # a policy that does not count blocks takes no block size
 
 
 def test_candidates_columns_and_rows_are_the_same_snapshot():
