@@ -7,8 +7,12 @@
 #   docker push REGISTRY/kvpilot:0.1.0
 #
 # The base's Ray must be the version pyproject.toml pins (ray[serve]==2.60.0), and its Python
-# the 3.11 kvpilot requires; vLLM's wheel brings the torch + CUDA runtime it was built with,
-# so the base's CUDA tag matters only for what the node's NVIDIA driver supports.
+# the 3.11 kvpilot requires (vLLM 0.32.0's wheel: Requires-Python >=3.11,<3.15, manylinux_2_28).
+# vLLM 0.32.0's PyPI wheel is built for CUDA 13.0 (VLLM_MAIN_CUDA_VERSION 13.0, torch==2.13.0,
+# nvidia-cutlass-dsl[cu13]) and brings that runtime as pip packages; the base's CUDA 12.4
+# toolkit is not what vLLM runs on. What matters is the node's NVIDIA driver: CUDA 13 needs
+# R580 or newer. With a Ray image tagged for CUDA 13, pass it as --build-arg RAY_IMAGE=...
+# (README "Kubernetes", "The image" says what is tested and what is not).
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cu124
 FROM ${RAY_IMAGE}
 
@@ -24,7 +28,7 @@ COPY --chown=ray:users deployments /home/ray/kvpilot-src/deployments
 # imports the installed package, not the source tree.
 RUN pip install --no-cache-dir "/home/ray/kvpilot-src[gpu]" \
     && cd / \
-    && python -c "import importlib.metadata as m, cluster.planner, deployments; print('kvpilot', m.version('kvpilot'), 'ray', m.version('ray'), 'vllm', m.version('vllm'))" \
+    && python -c "import importlib.metadata as m, cluster.planner, deployments; print('kvpilot', m.version('kvpilot'), 'ray', m.version('ray'), 'vllm', m.version('vllm'), 'torch', m.version('torch'))" \
     && rm -rf /home/ray/kvpilot-src
 
 WORKDIR /home/ray
