@@ -257,6 +257,48 @@ class IngressConfig(_Strict):
         return self
 
 
+class OpenAIConfig(_Strict):
+    """How vLLM's own OpenAI layer renders and parses this model's requests (checked against vLLM at start).
+
+    Example::
+
+        openai:
+          chat_template: templates/llama3.jinja   # a file, or the template inline; default: the tokenizer's
+          tool_call_parser: llama3_json           # turns on tools with tool_choice "auto"
+          reasoning_parser: deepseek_r1
+          structured_outputs_backend: xgrammar
+          disable_any_whitespace: false
+    """
+
+    chat_template: str | None = Field(
+        default=None, min_length=1,
+        description="Chat template: a file path or the Jinja template itself; default: the tokenizer's own.",
+    )
+    tool_call_parser: str | None = Field(
+        default=None, min_length=1,
+        description="vLLM tool-call parser for this model's output (e.g. hermes, llama3_json); enables "
+        "tool_choice auto. Named and required tool choices work with any parser.",
+    )
+    reasoning_parser: str | None = Field(
+        default=None, min_length=1, description="vLLM reasoning parser (e.g. deepseek_r1, qwen3); default: none."
+    )
+    structured_outputs_backend: Literal["auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer"] = Field(
+        default="auto", description="Engine for response_format and forced tool calls."
+    )
+    disable_any_whitespace: bool = Field(
+        default=False,
+        description="Structured outputs emit compact JSON (no free whitespace between tokens): keeps small or "
+        "weak models from padding forced JSON with whitespace. xgrammar and guidance only.",
+    )
+
+    @model_validator(mode="after")
+    def _whitespace_backend(self) -> OpenAIConfig:
+        if self.disable_any_whitespace and self.structured_outputs_backend not in ("xgrammar", "guidance"):
+            raise FieldError("structured_outputs_backend", self.structured_outputs_backend,
+                             "must be xgrammar or guidance when disable_any_whitespace is true")
+        return self
+
+
 class ModelConfig(_Strict):
     """One served model: its checkpoint, quantization, parallelism and memory settings."""
 
@@ -318,6 +360,9 @@ class ModelConfig(_Strict):
     )
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Replica choice for this model.")
     limits: ModelLimits = Field(default_factory=ModelLimits, description="Bounds the ingress enforces per request.")
+    openai: OpenAIConfig = Field(
+        default_factory=OpenAIConfig, description="Chat template, tool and reasoning parsers, structured outputs."
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra vLLM EngineArgs, passed through as is; names are checked against EngineArgs.",

@@ -76,6 +76,8 @@ def cpu_threads_bind(cfg: ModelConfig) -> str:
     return "|".join(str(i) for i in range(cfg.world_size))
 
 
+# Requests a replica takes at once per engine slot: the ingress's default queue bound per slot.
+ONGOING_PER_SLOT = 4
 ROUTER_CLASS = "deployments.router:KVPilotRouter"
 AUTOSCALER_CLASS = "deployments.autoscaling:KVPilotAutoscaler"
 
@@ -100,8 +102,11 @@ def deployment_options(cfg: ModelConfig, kv_capacity_tokens: int = 0, block_toke
             },
             "request_routing_stats_period_s": cfg.routing.stats_period_s,
         },
-        # The engine batches up to max_num_seqs; more in flight only queue inside it.
-        "max_ongoing_requests": cfg.max_num_seqs,
+        # Serve's router holds back a request (with growing backoff) when every replica has this
+        # many; with the bound at max_num_seqs, a burst as large as the engine's slots waited
+        # seconds for a slot freed milliseconds before. Beyond the slots, requests wait in the
+        # engine's own FIFO queue, which the router sees (num_waiting) and the ingress bounds.
+        "max_ongoing_requests": ONGOING_PER_SLOT * cfg.max_num_seqs,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
         "graceful_shutdown_timeout_s": graceful_shutdown_s(cfg),

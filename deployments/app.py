@@ -19,6 +19,7 @@ from cluster.placement import deployment_options
 from cluster.planner import plan_model
 from deployments.engine import ModelServer
 from deployments.ingress import Ingress
+from deployments.vllm_frontend import check_openai_config
 
 
 class PlanRefused(ValueError):
@@ -30,6 +31,14 @@ def build_app(args: dict[str, Any]) -> Application:
         cfg = ClusterConfig.from_args(args)
     except ConfigError as e:
         raise ConfigError([f"kvpilot config: {line}" for line in e.errors]) from None
+    errors = []
+    for i, model in enumerate(cfg.models):  # what only vLLM knows: its parsers and template rules
+        try:
+            check_openai_config(model, f"models[{i}]")
+        except ConfigError as e:
+            errors += [f"kvpilot config: {line}" for line in e.errors]
+    if errors:
+        raise ConfigError(errors)
     console = Console(stderr=True, soft_wrap=True)
     plans = {m.name: plan_model(m) for m in cfg.models}
     refused = []

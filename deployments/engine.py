@@ -1,22 +1,16 @@
-"""The model deployment: each replica owns one vLLM ``AsyncLLM``.
+"""The model deployment: each replica owns one vLLM ``AsyncLLM`` and vLLM's OpenAI app over it.
 
 Undecorated on purpose: ``deployments/app.py`` turns it into a Serve deployment
 with options from ``cluster.placement.deployment_options(model)``.
 
-A replica streams plain dicts to the ingress, one per engine step that produced tokens:
-
-    {"choices": [{"index", "text", "num_tokens", "logprobs", "finish_reason"}], "cached_tokens": 0}
-
-(``cached_tokens``, the prompt tokens vLLM found in its prefix cache, rides on the first.)
-
-Cancelling the stream (the client went away) aborts the engine request, which
-frees its slot in the engine's batch.
+The ingress sends each request as an ``HttpCall``; the replica answers it with
+vLLM's own server code and streams the response bytes back
+(``deployments/vllm_frontend.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
@@ -25,8 +19,9 @@ from typing import Any
 from cluster import metrics as M
 from cluster.config import ModelConfig
 from deployments.gpu import GpuMemoryProbe
-from deployments.protocol import GenerationRequest
+from deployments.protocol import HttpCall
 from deployments.telemetry import Recorder
+from deployments.vllm_frontend import VllmHttpApp
 
 logger = logging.getLogger("kvpilot.engine")
 
@@ -107,7 +102,15 @@ def start_vllm_engine(model: ModelConfig, stats: EngineStats, rec: Recorder | No
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.executor.abstract import Executor
 
+    from vllm.config import StructuredOutputsConfig
+
     kwargs = model.engine_args()
+    kwargs["structured_outputs_config"] = StructuredOutputsConfig(
+        backend=model.openai.structured_outputs_backend,
+        disable_any_whitespace=model.openai.disable_any_whitespace,
+    )
+    if model.openai.reasoning_parser is not None:
+        kwargs["reasoning_parser"] = model.openai.reasoning_parser
     if not model.on_cpu:
         # The workers go into this replica's bundles through vLLM's Ray executor.
         kwargs["distributed_executor_backend"] = "ray"
@@ -128,9 +131,9 @@ def start_vllm_engine(model: ModelConfig, stats: EngineStats, rec: Recorder | No
 
 
 class ModelServer:
-    """One replica of one model: a vLLM engine, its live stats and its metrics."""
+    """One replica of one model: a vLLM engine, vLLM's OpenAI app over it, its live stats and its metrics."""
 
-    def __init__(
+    async def __init__(
         self,
         model: ModelConfig,
         planned_kv_bytes_per_gpu: int = 0,
@@ -147,52 +150,19 @@ class ModelServer:
         self._last_rate_sample = (time.monotonic(), 0, 0)  # (time, prompt + generated tokens, generated tokens)
         started = time.monotonic()
         self._engine = engine_factory(model, self._stats, self._rec)
+        self._http = await VllmHttpApp.build(model, self._engine)
         logger.info("model %s: engine ready in %.1f s", model.name, time.monotonic() - started)
 
     # --- requests --------------------------------------------------------
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
-        """Stream one request's outputs (see the module docstring for the events).
+    async def serve_http(self, call: HttpCall) -> AsyncIterator[Any]:
+        """Answer one OpenAI request with vLLM's own server code (items: see ``deployments.vllm_frontend``).
 
-        The ingress has tokenized the prompt and checked it against max_model_len.
+        Cancelling the stream (the client went away) aborts the engine request, which frees its
+        slot in the engine's batch.
         """
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
-
-        s = req.sampling
-        params = SamplingParams(
-            n=s["n"],
-            temperature=s["temperature"],
-            top_p=s["top_p"],
-            stop=s["stop"],
-            seed=s["seed"],
-            presence_penalty=s["presence_penalty"],
-            frequency_penalty=s["frequency_penalty"],
-            ignore_eos=s["ignore_eos"],
-            max_tokens=req.max_tokens,
-            logprobs=req.logprobs,
-            output_kind=RequestOutputKind.DELTA,
-        )
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        cached_reported = False
-        try:
-            # On cancellation (client gone) vLLM's generate() aborts the request in the engine.
-            async for out in self._engine.generate({"prompt_token_ids": req.prompt_token_ids}, params, req.request_id):
-                choices = [_choice_delta(c, req.logprobs) for c in out.outputs]
-                if not any(c["num_tokens"] or c["finish_reason"] for c in choices):
-                    continue
-                event: dict[str, Any] = {"choices": choices}
-                if not cached_reported and out.num_cached_tokens is not None:
-                    event["cached_tokens"] = out.num_cached_tokens  # prompt tokens served from the prefix cache
-                    cached_reported = True
-                yield event
-        except EngineDeadError:
-            # A dead engine does not come back. Left alive, this replica fails every request fast,
-            # so it looks least loaded and the router keeps choosing it until the next health
-            # check. Ending the process makes callers see the replica die at once: the ingress
-            # resubmits requests that had no token yet elsewhere, and Serve starts a replacement.
-            logger.error("model %s: the vLLM engine died; ending this replica so Serve replaces it", self._model.name)
-            os._exit(1)
+        async for item in self._http.call(call.method, call.path, call.query, call.headers, call.body):
+            yield item
 
     # --- replica lifecycle and stats -------------------------------------
 
@@ -257,27 +227,3 @@ class ModelServer:
         if engine is not None:
             engine.shutdown()
 
-
-def _choice_delta(c: Any, logprobs: int | None) -> dict[str, Any]:
-    delta: dict[str, Any] = {
-        "index": c.index,
-        "text": c.text,
-        "num_tokens": len(c.token_ids),
-        "finish_reason": c.finish_reason,
-        "logprobs": None,
-    }
-    if logprobs is not None and c.logprobs is not None:
-        tokens, token_lps, tops = [], [], []
-        for tid, entries in zip(c.token_ids, c.logprobs):
-            chosen = entries[tid]
-            tokens.append(chosen.decoded_token or "")
-            token_lps.append(chosen.logprob)
-            tops.append(
-                {
-                    (lp.decoded_token or ""): lp.logprob
-                    for lp in sorted(entries.values(), key=lambda lp: lp.rank or 0)
-                    if lp.rank is not None and lp.rank <= logprobs
-                }
-            )
-        delta["logprobs"] = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops}
-    return delta

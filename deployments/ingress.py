@@ -1,24 +1,20 @@
 """The OpenAI-compatible front door: FastAPI under Ray Serve.
 
-The request's ``model`` picks the model deployment. Every refusal is an
-OpenAI-style error object with a 4xx status (503 when a model is overloaded or
-unavailable); an engine failure mid-stream ends the stream with an error event
-and ``data: [DONE]``.
-
-Before a request reaches a replica, in this order: the API key (every ``/v1``
-path, 401), the body size (413), the schema (400), the model (404), the key's
-request rate (429 + ``Retry-After``), the prompt against the model's limits and
-context (400), the model's bound on requests in flight (503 + ``Retry-After``),
-the key's token rate (429). A replica that dies before a request's first token
-(or, unstreamed, before its last) costs a resubmission to another replica, not
-an error.
+The request's ``model`` picks the model deployment; the replica answers with vLLM's
+own OpenAI server code, and the ingress relays the response bytes as they come
+(``deployments/vllm_frontend.py``). So requests are accepted, and refused, exactly
+as ``vllm serve`` does; the ingress adds only what is kvpilot's own, before a replica
+sees the request, in this order: the API key (every ``/v1`` path and the tokenize
+endpoints, 401), the body size (413), a JSON object (400), the model (404), the
+key's request rate (429 + ``Retry-After``), the prompt against the model's limits
+and context (400), the model's bound on requests in flight (503 + ``Retry-After``),
+the key's token rate (429). A replica that dies before a request's first byte
+costs a resubmission to another replica, not an error.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
-import dataclasses
 import json
 import logging
 import math
@@ -31,7 +27,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from starlette.datastructures import Headers
@@ -41,15 +36,7 @@ from cluster import metrics as M
 from cluster.config import IngressConfig, ModelConfig
 from cluster.placement import SERVE_LOOP_ENV
 from cluster.security import ANONYMOUS, KeyStore, RateLimiter, bearer_token, load_keys
-from deployments.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ErrorResponse,
-    GenerationRequest,
-    logprobs_of,
-    messages_of,
-    sampling_of,
-)
+from deployments.protocol import FORWARDED_HEADERS, FORWARDED_ROUTES, HttpCall
 from deployments.telemetry import Recorder
 
 logger = logging.getLogger("kvpilot.ingress")
@@ -61,6 +48,8 @@ OVERLOADED_RETRY_AFTER_S = 1  # an overloaded model frees slots as fast as it fi
 ECHO_CHARS = 120  # longest piece of a client's input quoted back in an error message
 NO_MODEL = "-"  # metric label when a request names no served model: client input never becomes a label
 CLIENT_SCOPE_KEY = "kvpilot.client"  # the ASGI scope entry where the key gate leaves the client id
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's (and OpenAI's) default for /v1/completions
+KEYED_PATHS = ("/tokenize", "/detokenize")  # outside /v1, but they reach a replica: keys needed too
 
 api = FastAPI(title="kvpilot", description="OpenAI-compatible API over Ray Serve and vLLM")
 
@@ -80,7 +69,7 @@ def _route_path(scope: dict[str, Any]) -> str:
 
 
 class _ApiKeyGate:
-    """Pure ASGI middleware: every ``/v1`` path needs a valid key before any route runs.
+    """Pure ASGI middleware: every ``/v1`` path (and tokenize) needs a valid key before any route runs.
 
     Pure ASGI rather than ``BaseHTTPMiddleware``: it neither buffers streamed responses nor
     hides a client's disconnect from the route.
@@ -92,7 +81,7 @@ class _ApiKeyGate:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             path = _route_path(scope)
-            if path == "/v1" or path.startswith("/v1/"):
+            if path == "/v1" or path.startswith("/v1/") or path in KEYED_PATHS:
                 ingress = _current_ingress()
                 refusal = (ingress.authenticate(scope) if ingress is not None else
                            _Refused(503, "the server is starting", code="starting", kind="server_error").response())
@@ -142,46 +131,20 @@ def _echo(value: Any) -> str:
     return _clip(repr(value))
 
 
-def _validation_error(e: ValidationError) -> _Refused:
-    first = e.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = f"Unrecognized request argument supplied: {param}"
-    elif first["type"] == "missing":
-        msg = f"Missing required parameter: {param}"
-    elif "input" in first:
-        msg = f"Invalid value for {param}: {_echo(first['input'])}: {msg}"
-    return _Refused(400, msg, param, first["type"])
-
-
 def _retry_after(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 def _replica_lost(e: BaseException) -> bool:
-    """Did the request fail because its replica (actor or engine) died, not because of the request?"""
-    seen = 0
-    cur: BaseException | None = e
-    while cur is not None and seen < 4:
-        if isinstance(cur, RayActorError) or any(c.__name__ == "EngineDeadError" for c in type(cur).__mro__):
-            return True
-        cur = getattr(cur, "cause", None) or cur.__cause__
-        seen += 1
-    return False
-
-
-def _engine_refusal(e: BaseException) -> str | None:
-    """vLLM's message when it refused the request itself (``VLLMValidationError``), else None."""
+    """Did the request fail because its replica died (the process, or its engine, which ends it)?"""
     cur: BaseException | None = e
     for _ in range(4):
         if cur is None:
-            return None
-        if any(c.__name__ == "VLLMValidationError" for c in type(cur).__mro__):
-            cause = getattr(cur, "cause", None)
-            return str(cause if cause is not None else cur)
+            return False
+        if isinstance(cur, RayActorError):
+            return True
         cur = getattr(cur, "cause", None) or cur.__cause__
-    return None
+    return False
 
 
 def _has_lone_surrogate(body: Any) -> bool:
@@ -201,65 +164,29 @@ def _has_lone_surrogate(body: Any) -> bool:
     return False
 
 
-def _sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
+
+def _output_budget(path: str, body: dict[str, Any]) -> tuple[int | None, str]:
+    """The output tokens a request asks for (None: it does not say) and the field that says it."""
+    fields = {"/v1/chat/completions": ("max_completion_tokens", "max_tokens"), "/v1/responses": ("max_output_tokens",)}
+    for name in fields.get(path, ("max_tokens",)):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, name
+    return None, fields.get(path, ("max_tokens",))[-1]
 
 
-class _Accumulator:
-    """Per-choice text, token counts and logprobs, gathered from the replica's deltas."""
-
-    def __init__(self, n: int):
-        self.text = [""] * n
-        self.tokens = [0] * n
-        self.finish: list[str | None] = [None] * n
-        self.logprobs: list[dict[str, list] | None] = [None] * n
-
-    def add(self, d: dict[str, Any]) -> None:
-        i = d["index"]
-        self.text[i] += d["text"]
-        self.tokens[i] += d["num_tokens"]
-        self.finish[i] = d["finish_reason"] or self.finish[i]
-        if d["logprobs"] is not None:
-            acc = self.logprobs[i] or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-            for key in ("tokens", "token_logprobs", "top_logprobs"):
-                acc[key].extend(d["logprobs"][key])
-            self.logprobs[i] = acc
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(self.tokens)
+def _text_content(content: Any) -> Any:
+    """A message's content as the chat template sees it: text parts joined (vLLM's renderer does the same)."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return content
 
 
-def _completion_logprobs(lp: dict[str, Any] | None, offset: int) -> dict[str, Any] | None:
-    if lp is None:
-        return None
-    offsets = []
-    for tok in lp["tokens"]:
-        offsets.append(offset)
-        offset += len(tok)
-    return {**lp, "text_offset": offsets}
+_SKIP_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 
 
-def _chat_logprobs(lp: dict[str, Any] | None) -> dict[str, Any] | None:
-    if lp is None:
-        return None
-    content = []
-    for tok, tlp, tops in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
-        content.append({
-            "token": tok, "logprob": tlp, "bytes": list(tok.encode()),
-            "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in tops.items()],
-        })
-    return {"content": content}
-
-
-def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
+def _response_headers(head: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in head if k.lower() not in _SKIP_HEADERS}
 
 
 class _Admission:
@@ -290,39 +217,50 @@ def _abandon(admission: _Admission, stream: Any) -> None:
         stream.cancel()
 
 
+
 _ERROR_RESPONSES: dict[int, str] = {
-    400: "Invalid request: malformed JSON, wrong types, unknown fields, limits exceeded",
+    400: "Invalid request: vLLM's validation, or the prompt beyond the model's limits or context",
     401: "Missing or invalid API key (when the endpoint has keys)",
-    404: "Unknown model",
+    404: "Unknown model or route",
     413: "Request body larger than ingress.max_body_bytes",
     429: "Rate limit of the API key exceeded; see Retry-After",
-    500: "The engine failed during generation",
     503: "Model overloaded (see Retry-After) or no replica available",
 }
+_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "integer", "null"]}}}}}
 _GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The completion; server-sent events when `stream` is true",
-          # Each server-sent event: `data: {chunk JSON}`, an error object, or `data: [DONE]` last.
-          "content": {"text/event-stream": {"schema": {
-              "type": "object", "required": ["data"],
-              "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}},
-    **{code: {"model": ErrorResponse, "description": d} for code, d in _ERROR_RESPONSES.items()},
+    200: {"description": "vLLM's answer; server-sent events when `stream` is true",
+          "content": {"application/json": {}, "text/event-stream": {}}},
+    **{code: {"description": d, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+       for code, d in _ERROR_RESPONSES.items()},
 }
-_REQUEST_BODIES: dict[str, type[BaseModel]] = {
-    "/v1/completions": CompletionRequest,
-    "/v1/chat/completions": ChatCompletionRequest,
-}
+
+
+def _request_schemas() -> dict[str, type]:
+    """vLLM's own request models for the two generation routes (the OpenAPI document's bodies)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
 
 
 def _openapi_document(app: FastAPI, model_names: list[str], auth: bool) -> dict[str, Any]:
-    """FastAPI's document plus the JSON request bodies (the routes read the raw request to keep
-    OpenAI's 400 on malformed JSON), with ``model`` restricted to the served names."""
+    """FastAPI's document plus vLLM's JSON request bodies (the routes read the raw request and pass
+    it on as bytes), with ``model`` restricted to the served names."""
+    import copy
+
     app.openapi_schema = None
     doc = copy.deepcopy(app.openapi())
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    for path, model in _REQUEST_BODIES.items():
+    for path, model in _request_schemas().items():
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
-        schema["properties"]["model"]["enum"] = list(model_names)
+        schema["properties"]["model"] = {"type": "string", "enum": list(model_names)}
+        schema.setdefault("required", [])
+        if "model" not in schema["required"]:
+            schema["required"].append("model")
         schemas[model.__name__] = schema
         doc["paths"][path]["post"]["requestBody"] = {
             "required": True,
@@ -331,17 +269,44 @@ def _openapi_document(app: FastAPI, model_names: list[str], auth: bool) -> dict[
     if auth:
         doc["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
         for path, ops in doc["paths"].items():
-            if path.startswith("/v1/"):
+            if path.startswith("/v1/") or path in KEYED_PATHS:
                 for op in ops.values():
                     op["security"] = [{"apiKey": []}]
     return doc
+
+
+_GENERATING = ("/v1/chat/completions", "/v1/completions")
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+        raise _Refused(400, f"We could not parse the JSON body of your request: {type(e).__name__}: "
+                       f"{str(e)[:200]}", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise _Refused(400, "The request body must be a JSON object", None, "invalid_json")
+    if _has_lone_surrogate(body):  # "\\ud800" parses, but no tokenizer (or UTF-8 encoder) accepts it
+        raise _Refused(400, "The request body contains a lone UTF-16 surrogate (\\ud800-\\udfff) in a string",
+                       None, "invalid_json")
+    return body
+
+
+def _template_text(template: str | None) -> str | None:
+    """A configured chat template's text (the config holds a file path or the template itself)."""
+    if template is None:
+        return None
+    from pathlib import Path
+
+    path = Path(template)
+    return path.read_text() if path.is_file() else template
 
 
 @serve.deployment(name="ingress", max_ongoing_requests=1000,
                   ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SERVE_LOOP_ENV}})
 @serve.ingress(api)
 class Ingress:
-    """Routes OpenAI requests to the model deployment their ``model`` names."""
+    """Routes OpenAI requests to the model deployment their ``model`` names and relays the answer."""
 
     def __init__(self, handles: dict[str, Any], models: list[ModelConfig], ingress: IngressConfig | None = None):
         from transformers import AutoTokenizer
@@ -359,10 +324,13 @@ class Ingress:
         # Tokenize here, once: the router needs the prompt's blocks and the context limit is
         # enforced before any replica sees the request.
         self._tokenizers = {m.name: AutoTokenizer.from_pretrained(m.source) for m in models}
+        self._templates = {m.name: _template_text(m.openai.chat_template) for m in models}
+        self._default_model = models[0].name if len(models) == 1 else None
         self._created = int(time.time())
         self._keys = self._load_keys(self._cfg)
         self._limiter = RateLimiter(self._cfg.requests_per_minute, self._cfg.tokens_per_minute)
         self._metrics = Recorder()
+        self.resubmitted = 0  # requests sent again after their replica died before answering
         api.openapi_schema = _openapi_document(api, list(self._handles), self._keys is not None)
         logger.info("ingress: %s, %s", f"API keys required ({len(self._keys)} keys)" if self._keys else "no API keys",
                     "rate limits per key" if self._limiter.enabled else "no rate limits")
@@ -392,11 +360,16 @@ class Ingress:
         return refused.response()
 
     def authenticate(self, scope: dict[str, Any]) -> JSONResponse | None:
-        """Called by the key gate for every ``/v1`` request: None lets it through."""
+        """Called by the key gate for every keyed request: None lets it through.
+
+        The key comes as OpenAI clients send it (``Authorization: Bearer``) or as Anthropic's do
+        (``x-api-key``).
+        """
         if self._keys is None:
             scope[CLIENT_SCOPE_KEY] = ANONYMOUS
             return None
-        presented = bearer_token(Headers(scope=scope).get("authorization"))
+        headers = Headers(scope=scope)
+        presented = bearer_token(headers.get("authorization")) or headers.get("x-api-key") or None
         client = self._keys.verify(presented)
         if client is not None:
             scope[CLIENT_SCOPE_KEY] = client
@@ -454,29 +427,59 @@ class Ingress:
         ok = all(v == "ready" for v in states.values())
         return JSONResponse({"status": "ok" if ok else "starting", "models": states}, status_code=200 if ok else 503)
 
-    @api.get("/v1/models", responses={401: {"model": ErrorResponse, "description": _ERROR_RESPONSES[401]}})
+    @api.get("/v1/models", responses={401: {"description": _ERROR_RESPONSES[401]}})
     async def list_models(self) -> dict[str, Any]:
         self.count(NO_MODEL, 200)
         return {
             "object": "list",
             "data": [
                 {"id": name, "object": "model", "created": self._created, "owned_by": "kvpilot",
-                 "max_model_len": self._max_model_len[name]}
+                 "root": name, "parent": None, "max_model_len": self._max_model_len[name]}
                 for name in self._handles
             ],
         }
 
-    @api.post("/v1/completions", responses=_GENERATION_RESPONSES)
-    async def completions(self, request: Request) -> Response:
-        return await self._serve(request, CompletionRequest, chat=False)
+    @api.get("/ingress/stats", include_in_schema=False)
+    async def ingress_stats(self) -> dict[str, Any]:
+        """What this ingress did so far that no metric label carries (tests read it)."""
+        return {"resubmitted": self.resubmitted, "in_flight": dict(self._in_flight)}
 
-    @api.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._serve(request, ChatCompletionRequest, chat=True)
+    async def forward(self, request: Request) -> Response:
+        """Every OpenAI route of ``FORWARDED_ROUTES``: checked here, answered by the model's replica."""
+        client = request.scope.get(CLIENT_SCOPE_KEY, ANONYMOUS)
+        path = _route_path(request.scope)
+        model = NO_MODEL
+        try:
+            raw = await self._read_body(request)
+            body = _json_object(raw)
+            model = self._model_of(body)
+            early = self._limiter.check(client)  # the request rate, before spending time on tokenizing
+            if not early.allowed:
+                raise self._rate_limited(early.limit, early.retry_after_s)
+            prompt_ids, budget, raw = self._check_prompt(path, body, model, raw)
+            n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 1) > 0 else 1
+            admission = self._admit(model, client, len(prompt_ids) + n * budget)
+        except _Refused as e:
+            return self._refuse(model, e)
+        call = HttpCall(request.method, path, request.scope.get("query_string", b""),
+                        [(k, v) for k, v in request.scope["headers"] if k in FORWARDED_HEADERS], raw,
+                        uuid.uuid4().hex, prompt_ids, budget)
+        streaming = False
+        try:
+            response = await self._relay(call, admission)
+            streaming = isinstance(response, StreamingResponse)
+            return response
+        finally:  # also when the client's disconnect cancels this task
+            if not streaming:  # a stream's generator finishes its own admission
+                admission.finish(admission.used_tokens)
+
+    for _path in FORWARDED_ROUTES:
+        forward = api.post(_path, responses=_GENERATION_RESPONSES)(forward)
+    del _path
 
     # --- serving ------------------------------------------------------------
 
-    async def _json_body(self, request: Request) -> dict[str, Any]:
+    async def _read_body(self, request: Request) -> bytes:
         limit = self._cfg.max_body_bytes
         too_large = _Refused(413, f"The request body exceeds the limit of {limit} bytes", None, "request_too_large")
         declared = request.headers.get("content-length", "").strip()
@@ -488,106 +491,104 @@ class Ingress:
             if size > limit:
                 raise too_large
             chunks.append(chunk)
-        try:
-            body = json.loads(b"".join(chunks))
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
-            raise _Refused(400, f"We could not parse the JSON body of your request: {type(e).__name__}: "
-                           f"{str(e)[:200]}", None, "invalid_json") from None
-        if not isinstance(body, dict):
-            raise _Refused(400, "The request body must be a JSON object", None, "invalid_json")
-        if _has_lone_surrogate(body):  # "\\ud800" parses, but no tokenizer (or UTF-8 encoder) accepts it
-            raise _Refused(400, "The request body contains a lone UTF-16 surrogate (\\ud800-\\udfff) in a string",
-                           None, "invalid_json")
-        return body
+        return b"".join(chunks)
 
-    async def _serve(self, request: Request, schema: type, chat: bool) -> Response:
-        client = request.scope.get(CLIENT_SCOPE_KEY, ANONYMOUS)
-        model = NO_MODEL
-        try:
-            try:
-                # Strict: JSON types as the OpenAPI document states them ("5" is no integer), as OpenAI does.
-                req = schema.model_validate(await self._json_body(request), strict=True)
-            except ValidationError as e:
-                raise _validation_error(e) from None
-            if req.model not in self._handles:
-                raise _Refused(404, f"The model `{_clip(req.model)}` does not exist.", "model", "model_not_found")
-            model = req.model
-            early = self._limiter.check(client)  # the request rate, before spending time on tokenizing
-            if not early.allowed:
-                raise self._rate_limited(early.limit, early.retry_after_s)
-            prompt_ids, max_tokens = self._tokenize(req, chat)
-            admission = self._admit(model, client, len(prompt_ids) + req.n * max_tokens)
-        except _Refused as e:
-            return self._refuse(model, e)
-        streaming = False
-        try:
-            response = await self._generate(req, chat, prompt_ids, max_tokens, admission)
-            streaming = isinstance(response, StreamingResponse)
-            return response
-        finally:  # also when the client's disconnect cancels this task
-            if not streaming:  # a stream's generator finishes its own admission
-                admission.finish(admission.used_tokens)
+    def _model_of(self, body: dict[str, Any]) -> str:
+        model = body.get("model", self._default_model)
+        if model is None:
+            raise _Refused(400, f"Missing required parameter: model (one of {', '.join(self._handles)})", "model",
+                           "missing")
+        if not isinstance(model, str) or model not in self._handles:
+            raise _Refused(404, f"The model `{_clip(str(model))}` does not exist.", "model", "model_not_found")
+        return model
 
-    async def _generate(self, req: CompletionRequest | ChatCompletionRequest, chat: bool, prompt_ids: list[int],
-                        max_tokens: int, admission: _Admission) -> Response:
+    def _prompt_ids(self, path: str, body: dict[str, Any], model: str) -> list[int] | None:
+        """The prompt's token ids as the replica will see them, for routing and the context check;
+        None when this request's prompt is not one the ingress renders (vLLM checks it then)."""
+        tok = self._tokenizers[model]
+        try:
+            if path == "/v1/chat/completions":
+                messages = body.get("messages")
+                if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                    return None
+                plain = [{**m, "content": _text_content(m.get("content"))} for m in messages]
+                tools = body.get("tools") if isinstance(body.get("tools"), list) else None
+                template = self._templates[model] or getattr(tok, "chat_template", None)
+                if not template:
+                    return None
+                text = tok.apply_chat_template(plain, tools=tools, chat_template=template, tokenize=False,
+                                               add_generation_prompt=True)
+                return tok.encode(text, add_special_tokens=False)
+            if path == "/v1/completions":
+                prompt = body.get("prompt")
+                if isinstance(prompt, str):
+                    return tok.encode(prompt)
+                if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+                    return prompt
+        except Exception:  # a body the tokenizer cannot take: vLLM's validation answers it
+            return None
+        return None
+
+    def _check_prompt(self, path: str, body: dict[str, Any], model: str, raw: bytes) -> tuple[list[int], int, bytes]:
+        """Prompt ids, the output budget, and the body to send; refuses what the model's limits or context
+        cannot hold. The body changes only when the model's ``limits.max_tokens`` supplies a missing budget."""
+        limits, limit = self._limits[model], self._max_model_len[model]
+        ids = self._prompt_ids(path, body, model)
+        asked, param = _output_budget(path, body)
+        prompt_param = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}.get(path, "input")
+        if ids is not None and limits.max_prompt_tokens is not None and len(ids) > limits.max_prompt_tokens:
+            raise _Refused(400, f"the prompt has {len(ids)} tokens; model {model} accepts at most "
+                           f"{limits.max_prompt_tokens}", prompt_param, "prompt_too_long")
+        if limits.max_tokens is not None and asked is not None and asked > limits.max_tokens:
+            raise _Refused(400, f"{param} {asked} exceeds model {model}'s limit of {limits.max_tokens} output "
+                           "tokens", param, "max_tokens_too_large")
+        room = limit - len(ids) if ids is not None else limit
+        if ids is not None and (room <= 0 or (asked is not None and asked > room)):
+            more = f" + {param} {asked}" if asked is not None else ""
+            raise _Refused(
+                400, f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} tokens{more}",
+                param if room > 0 else prompt_param, "context_length_exceeded")
+        if asked is None and limits.max_tokens is not None and path in _GENERATING and ids is not None:
+            asked = min(room, limits.max_tokens)
+            raw = json.dumps({**body, param: asked}).encode()
+        if asked is None:
+            asked = COMPLETIONS_DEFAULT_MAX_TOKENS if path == "/v1/completions" else max(room, 0)
+        return ids or [], max(asked, 0), raw
+
+    async def _relay(self, call: HttpCall, admission: _Admission) -> Response:
         model = admission.model
-        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        gen_req = GenerationRequest(request_id, prompt_ids, max_tokens, logprobs_of(req), sampling_of(req))
         try:
-            stream, first = await self._submit(gen_req, admission)
+            stream, first = await self._submit(call, admission)
         except _Refused as e:  # waited too long for a first token
             return self._refuse(model, e)
-        except Exception as e:  # the replicas failed before the engine answered
-            refusal = _engine_refusal(e)
-            if refusal is not None:  # a check of vLLM's that the schema does not repeat
-                return self._refuse(model, _Refused(400, f"the engine refused the request: {_clip(refusal)}", None,
-                                                    "engine_refused"))
-            logger.exception("request %s failed at its replica", request_id)
+        except Exception as e:  # the replicas failed before answering
+            logger.exception("request %s failed at its replica", call.request_id)
             return self._refuse(model, _Refused(503, f"model {model} is unavailable: {type(e).__name__}", None,
                                                 "model_unavailable", "server_error"))
-        prompt_tokens = len(prompt_ids)
-        admission.used_tokens = prompt_tokens
-        meta = {"id": request_id, "created": int(time.time()), "model": model}
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self._stream(first, stream, meta, req.n, prompt_tokens, chat, include_usage, admission)
-            weakref.finalize(events, _abandon, admission, stream)
-            self.count(model, 200)
-            return StreamingResponse(events, media_type="text/event-stream")
-        try:
-            acc, cached = await self._collect(first, stream, gen_req, admission, req.n)
-        except _Refused as e:  # resubmitted after losing its replica, and no first token came in time
-            return self._refuse(model, e)
-        except Exception as e:
-            logger.exception("request %s failed mid-generation", request_id)
-            return self._refuse(model, _Refused(500, f"generation failed: {type(e).__name__}: {e}", None,
-                                                "engine_error", "server_error"))
-        admission.used_tokens = prompt_tokens + acc.completion_tokens
-        usage = _usage(prompt_tokens, acc.completion_tokens, cached)
-        self.count(model, 200)
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": acc.text[i]},
-                        "logprobs": _chat_logprobs(acc.logprobs[i]), "finish_reason": acc.finish[i]}
-                       for i in range(req.n)]
-            return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": usage})
-        choices = [{"index": i, "text": acc.text[i], "logprobs": _completion_logprobs(acc.logprobs[i], 0),
-                    "finish_reason": acc.finish[i]} for i in range(req.n)]
-        return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": usage})
+        self.count(model, first["status"], None if first["status"] < 400 else "engine_refused")
+        headers = _response_headers(first["headers"])
+        if first["more"]:
+            body = self._stream(first["body"], stream, call, admission)
+            weakref.finalize(body, _abandon, admission, stream)
+            return StreamingResponse(body, status_code=first["status"], headers=headers)
+        try:  # the usage trailer: what the engine generated, for the token budget
+            trailer = await asyncio.wait_for(stream.__anext__(), HEALTH_PROBE_TIMEOUT_S)
+            usage = trailer.get("usage", {})
+            admission.used_tokens = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+        except Exception:  # no trailer: keep the whole charge
+            admission.used_tokens = admission._charged
+        return Response(first["body"], status_code=first["status"], headers=headers)
 
-    async def _submit(self, gen_req: GenerationRequest, admission: _Admission) -> tuple[Any, dict[str, Any]]:
-        """Send the request to a replica and wait for its first event; resubmit while replicas die."""
+    async def _submit(self, call: HttpCall, admission: _Admission) -> tuple[Any, dict[str, Any]]:
+        """Send the request to a replica and wait for its first bytes; resubmit while replicas die."""
         timeout_s = self._limits[admission.model].first_token_timeout_s
         while True:
             attempt = admission.attempts
             admission.attempts += 1
-            req = gen_req if attempt == 0 else dataclasses.replace(
-                gen_req, request_id=f"{gen_req.request_id}-retry{attempt}")
-            stream = self._handles[admission.model].generate.remote(req)
+            stream = self._handles[admission.model].serve_http.remote(call)
             try:
                 # Bounded: at zero replicas Serve holds the request until one starts, however long that takes.
                 return stream, await asyncio.wait_for(stream.__anext__(), timeout_s)
-            except StopAsyncIteration:
-                return stream, {"choices": []}
             except TimeoutError:
                 stream.cancel()
                 raise _Refused(503, f"model {admission.model} produced no first token within "
@@ -597,118 +598,34 @@ class Ingress:
             except Exception as e:
                 if not _replica_lost(e) or attempt >= self._cfg.replica_retries:
                     raise
+                self.resubmitted += 1
                 self._metrics.inc(M.INGRESS_ERRORS, model=admission.model, kind="replica_lost_resubmitted")
                 logger.warning("request %s: replica lost before the first token (%s); resubmitting",
-                               gen_req.request_id, type(e).__name__)
+                               call.request_id, type(e).__name__)
                 await asyncio.sleep(RETRY_BACKOFF_S)
 
-    async def _collect(self, first: dict[str, Any], stream: Any, gen_req: GenerationRequest, admission: _Admission,
-                       n: int) -> tuple[_Accumulator, int]:
-        """An unstreamed request's whole output; nothing has reached the client, so a lost replica
-        mid-generation costs a resubmission too."""
-        while True:
-            acc = _Accumulator(n)
-            cached = first.get("cached_tokens", 0)
-            for d in first["choices"]:
-                acc.add(d)
-            try:
-                async for event in stream:
-                    for d in event["choices"]:
-                        acc.add(d)
-                return acc, cached
-            except Exception as e:
-                if not _replica_lost(e) or admission.attempts > self._cfg.replica_retries:
-                    raise
-                self._metrics.inc(M.INGRESS_ERRORS, model=admission.model, kind="replica_lost_resubmitted")
-                logger.warning("request %s: replica lost mid-generation (%s); resubmitting", gen_req.request_id,
-                               type(e).__name__)
-                await asyncio.sleep(RETRY_BACKOFF_S)
-                stream, first = await self._submit(gen_req, admission)
-
-    def _tokenize(self, req: CompletionRequest | ChatCompletionRequest, chat: bool) -> tuple[list[int], int]:
-        """Prompt token ids and the output budget; refuses what the model's limits or context cannot hold."""
-        tok = self._tokenizers[req.model]
-        if chat:
-            if not getattr(tok, "chat_template", None):
-                raise _Refused(400, f"model {req.model} has no chat template", "messages", "no_chat_template")
-            text = tok.apply_chat_template(messages_of(req), tokenize=False, add_generation_prompt=True)
-            ids = tok.encode(text, add_special_tokens=False)
-            asked = req.output_limit()
-            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-        elif isinstance(req.prompt, str):
-            ids = tok.encode(req.prompt)
-            asked, param = req.max_tokens, "max_tokens"
-        else:
-            vocab = len(tok)
-            bad = [t for t in req.prompt if not 0 <= t < vocab]
-            if bad:
-                raise _Refused(400, f"token id {bad[0]} is outside the vocabulary (size {vocab})", "prompt",
-                               "invalid_token")
-            ids, asked, param = list(req.prompt), req.max_tokens, "max_tokens"
-        prompt_param = "messages" if chat else "prompt"
-        limits = self._limits[req.model]
-        if limits.max_prompt_tokens is not None and len(ids) > limits.max_prompt_tokens:
-            raise _Refused(400, f"the prompt has {len(ids)} tokens; model {req.model} accepts at most "
-                           f"{limits.max_prompt_tokens}", prompt_param, "prompt_too_long")
-        if limits.max_tokens is not None and asked is not None and asked > limits.max_tokens:
-            raise _Refused(400, f"{param} {asked} exceeds model {req.model}'s limit of {limits.max_tokens} output "
-                           "tokens", param, "max_tokens_too_large")
-        limit = self._max_model_len[req.model]
-        room = limit - len(ids)
-        if room <= 0 or (asked is not None and asked > room):
-            more = f" + max_tokens {asked}" if asked is not None else ""
-            raise _Refused(
-                400, f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} tokens{more}",
-                param if room > 0 else prompt_param, "context_length_exceeded")
-        if asked is not None:
-            return ids, asked
-        return ids, min(room, limits.max_tokens or room)
-
-    async def _stream(self, first: dict[str, Any], stream: Any, meta: dict[str, Any], n: int, prompt_tokens: int,
-                      chat: bool, include_usage: bool, admission: _Admission) -> AsyncIterator[bytes]:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        completion_tokens = 0
-        cached = first.get("cached_tokens", 0)
-        offsets = [0] * n
+    async def _stream(self, first: bytes, stream: Any, call: HttpCall, admission: _Admission) -> AsyncIterator[bytes]:
+        """The response bytes as the replica sends them; nothing here parses a token."""
+        used = admission._charged
         finished = False
-
-        async def events() -> AsyncIterator[dict[str, Any]]:
-            yield first
-            async for event in stream:
-                yield event
-
         try:
-            if chat:  # OpenAI opens each choice with the assistant role
-                yield _sse({**meta, "object": obj, "choices": [
-                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                    for i in range(n)]})
-            async for event in events():
-                choices = []
-                for d in event["choices"]:
-                    completion_tokens += d["num_tokens"]
-                    if chat:
-                        choices.append({"index": d["index"], "delta": {"content": d["text"]},
-                                        "logprobs": _chat_logprobs(d["logprobs"]), "finish_reason": d["finish_reason"]})
-                    else:
-                        choices.append({"index": d["index"], "text": d["text"],
-                                        "logprobs": _completion_logprobs(d["logprobs"], offsets[d["index"]]),
-                                        "finish_reason": d["finish_reason"]})
-                    offsets[d["index"]] += len(d["text"])
-                if choices:
-                    yield _sse({**meta, "object": obj, "choices": choices})
+            yield first
+            async for item in stream:
+                if type(item) is bytes:
+                    yield item
+                else:  # the trailer
+                    usage = item.get("usage", {})
+                    used = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
             finished = True
-            if include_usage:
-                yield _sse({**meta, "object": obj, "choices": [],
-                            "usage": _usage(prompt_tokens, completion_tokens, cached)})
-            yield _sse("[DONE]")
         except Exception as e:
             finished = True
-            self._metrics.inc(M.INGRESS_ERRORS, model=meta["model"], kind="stream_failed")
-            logger.exception("stream %s failed mid-generation", meta["id"])
-            yield _sse({"error": {"message": f"generation failed: {type(e).__name__}: {e}", "type": "server_error",
-                                  "param": None, "code": "engine_error"}})
-            yield _sse("[DONE]")
+            self._metrics.inc(M.INGRESS_ERRORS, model=admission.model, kind="stream_failed")
+            logger.warning("stream %s failed mid-generation: %s", call.request_id, type(e).__name__)
+            error = {"error": {"message": f"generation failed: {type(e).__name__}", "type": "server_error",
+                               "param": None, "code": "engine_error"}}
+            yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
         finally:
-            admission.finish(prompt_tokens + completion_tokens)
+            admission.finish(used)
             if not finished:  # the client went away: cancel the replica's stream, which aborts the engine request
                 stream.cancel()
+
