@@ -6,6 +6,8 @@ FIXTURES := .fixtures
 # Re-install only when the dependency list changes: a no-op `make setup` takes seconds.
 STAMP := $(VENV)/.installed
 QUANTS := none awq gptq
+# Planner ground truth: tiny MoE (Mixtral- and Qwen3-MoE-style) and a compressed-tensors W8A8 Llama.
+EXTRA_FIXTURES := mixtral-none qwen3moe-none w8a8
 
 export KVPILOT_FIXTURES_DIR := $(CURDIR)/$(FIXTURES)
 
@@ -21,10 +23,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
-fixtures: $(foreach q,$(QUANTS),$(FIXTURES)/tiny-$(q)/config.json)
+fixtures: $(foreach q,$(QUANTS) $(EXTRA_FIXTURES),$(FIXTURES)/tiny-$(q)/config.json)
 
 $(FIXTURES)/tiny-%/config.json: $(STAMP) cluster/tinymodel.py
-	$(BIN)/kvpilot tiny-model $(FIXTURES)/tiny-$* --quantization $*
+	$(BIN)/kvpilot tiny-model $(FIXTURES)/tiny-$* --fixture $*
 
 # The dashboard test runs a real Prometheus (Debian's package); installed where apt-get can (CI runs as root).
 prometheus:

@@ -117,6 +117,12 @@ def _cmd_sizes(ns: argparse.Namespace, console: Console) -> int:
 def _cmd_tiny_model(ns: argparse.Namespace, console: Console) -> int:
     from cluster.tinymodel import write_tiny_model
 
+    from cluster.tinymodel import write_fixture
+
+    if ns.fixture:
+        path = write_fixture(ns.out, ns.fixture, seed=ns.seed)
+        console.print(f"wrote tiny fixture {ns.fixture} to {path}", highlight=False)
+        return EXIT_OK
     path = write_tiny_model(ns.out, ns.quantization, seed=ns.seed)
     console.print(f"wrote tiny {ns.quantization} Llama to {path}", highlight=False)
     return EXIT_OK
@@ -223,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-model", help="write a tiny random Llama (fp16, AWQ or GPTQ) for tests and demos")
     tiny.add_argument("out")
     tiny.add_argument("--quantization", choices=["none", "awq", "gptq"], default="none")
+    tiny.add_argument("--fixture", help="a named fixture instead: none, awq, gptq, mixtral-none, qwen3moe-none, w8a8 "
+                      "(MoE: STYLE-QUANT with STYLE mixtral or qwen3moe)")
     tiny.add_argument("--seed", type=int, default=0)
 
     from cluster.bench.cli import add_bench_parser

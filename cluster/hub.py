@@ -168,10 +168,11 @@ def _hub_error(repo: str, revision: str | None, e: Exception) -> HubError:
         return HubError(
             f"{repo}: no such repository on the hub (or it is private: set HF_TOKEN or secrets.hfToken)"
         )
-    if isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
+    network = isinstance(e, ConnectionError) or type(e).__module__.split(".")[0] in ("httpx", "httpcore", "httpx2")
+    if network or isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
         from huggingface_hub import constants
 
-        if constants.HF_HUB_OFFLINE:
+        if constants.HF_HUB_OFFLINE and not network:
             return HubError(
                 f"{repo}: HF_HUB_OFFLINE is set and the repository{rev} is not in the cache "
                 f"({constants.HF_HUB_CACHE}); plan it once online, or give a local model directory"

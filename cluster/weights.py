@@ -25,6 +25,8 @@ from dataclasses import replace
 from cluster.hub import TensorInfo
 from cluster.modelspec import ModelSpec, QuantSpec
 
+# Each attention layer's fp32 _q/_k/_v/_prob scale buffers (vLLM's Attention, for fp8 KV and attention).
+ATTENTION_SCALE_BYTES = 4 * 4
 VOCAB_PADDING = 64  # vLLM pads the embedding and lm_head rows to a multiple of this
 
 DTYPE_BYTES = {
@@ -299,6 +301,7 @@ def load_time_bytes(spec: ModelSpec, dtype: str, tp: int, on_gpu: bool, layers: 
         rope = caches * spec.max_position_embeddings * spec.rotary_dim * db
         total += rope
         notes.append(f"rotary cos/sin cache {rope / 2**20:.1f} MiB")
+    total += layers * ATTENTION_SCALE_BYTES
     if spec.is_mla:
         heads = spec.num_heads // tp
         absorbed = layers * heads * (spec.qk_nope_head_dim + spec.v_head_dim) * spec.kv_lora_rank * db

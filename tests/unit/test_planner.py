@@ -35,7 +35,8 @@ def test_awq_linear_bytes_by_hand():
     layer = per_linear(256, 768) + per_linear(256, 256) + per_linear(256, 1024) + per_linear(512, 256)
     norms = 2 * 256 * 2 + 256 * 2
     embed_and_head = 2 * 64 * 256 * 2
-    assert weight_bytes_per_gpu(spec, "awq", "float16") == layer + norms + embed_and_head
+    attn_scales = 4 * 4  # vLLM's fp32 _q/_k/_v/_prob scale buffers of the attention layer
+    assert weight_bytes_per_gpu(spec, "awq", "float16") == layer + norms + embed_and_head + attn_scales
 
 
 def test_tensor_parallel_shards_weights_and_kv():
