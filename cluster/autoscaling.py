@@ -77,6 +77,15 @@ class ScalerState:
     load: tuple[tuple[float, float, float, float, float], ...] = ()
     itl_floor_s: float | None = None  # lowest windowed inter-token latency seen: the step cost with little load
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ScalerState:
+        """The state ``dataclasses.asdict`` wrote, also after a round trip that made its tuples lists (JSON)."""
+        return cls(**{k: _tuples(v) for k, v in d.items()})
+
+
+def _tuples(v):
+    return tuple(map(_tuples, v)) if isinstance(v, (list, tuple)) else v
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -199,7 +208,7 @@ def decide(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState) -> tup
         return out("downscale_pending", have, f"{why}; waiting {cfg.downscale_delay_s - (now - low_since):.0f} s "
                    "more before scaling down", low_since=low_since)
     if pressured:
-        return out("steady", have, f"steady: pressure for {now - (st.pressure_since or now):.0f} s, under the "
+        return out("steady", have, f"steady: pressure for {now - st.pressure_since:.0f} s, under the "
                    f"{cfg.upscale_sustained_s:.0f} s sustain window", low_since=None)
     return out("steady", have, f"steady: demand fits the current replicas ({compute_text()})", low_since=None)
 

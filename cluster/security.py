@@ -127,6 +127,16 @@ class TokenBucket:
         self._level = min(self.capacity, self.level(now) + amount)
 
 
+def most_admitted(per_minute: int, elapsed_s: float, cost: float = 1.0) -> int:
+    """The most requests of ``cost`` units a fresh ``per_minute`` bucket lets through within ``elapsed_s``.
+
+    The full bucket plus what refills meanwhile: a test that sends requests until one is
+    refused measures its own elapsed time and asserts against this, instead of assuming the
+    requests finish before the first refill (60 / ``per_minute`` seconds).
+    """
+    return int((per_minute + max(0.0, elapsed_s) * per_minute / 60.0) // cost)
+
+
 @dataclass(frozen=True)
 class Verdict:
     """A rate-limit decision: ``limit`` names the bucket that refused (None: allowed)."""

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from cluster import metrics as M
-from cluster.autoscaling import ReplicaSignals, ScalerState, ScalingInput, decide
+from cluster.autoscaling import Decision, ReplicaSignals, ScalerState, ScalingInput, decide
 from cluster.config import AutoscalingConfig
 from deployments.telemetry import Recorder
 
@@ -29,7 +29,7 @@ class KVPilotAutoscaler:
         self._capacity = kv_capacity_tokens
         self._bounds = (min_replicas, max_replicas)
         self._rec = Recorder(model=model)
-        self._last_reason = ""
+        self.last_decision: Decision | None = None  # what the latest call decided, with its reason
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         metrics = ctx.aggregated_metrics or {}
@@ -49,24 +49,32 @@ class KVPilotAutoscaler:
             )
             for rid in ctx.running_replicas
         )
-        state = ScalerState(**ctx.policy_state["kvpilot"]) if "kvpilot" in (ctx.policy_state or {}) else ScalerState()
+        saved = (ctx.policy_state or {}).get("kvpilot")
+        state = ScalerState() if saved is None else ScalerState.from_dict(saved)
+        # Serve's bounds, adjusted for its target_capacity: the count the decision is held to is the one applied.
+        lo = getattr(ctx, "capacity_adjusted_min_replicas", None)
+        hi = getattr(ctx, "capacity_adjusted_max_replicas", None)
         inp = ScalingInput(
-            now_s=ctx.current_time or time.time(),
+            now_s=ctx.current_time if ctx.current_time is not None else time.time(),
             current_replicas=ctx.current_num_replicas,
             replicas=replicas,
             queued_requests=float(ctx.total_queued_requests or 0.0),
             kv_capacity_tokens=self._capacity,
-            min_replicas=self._bounds[0],
-            max_replicas=self._bounds[1],
+            min_replicas=self._bounds[0] if lo is None else lo,
+            max_replicas=self._bounds[1] if hi is None else hi,
             target_replicas=getattr(ctx, "target_num_replicas", None),
         )
         decision, state = decide(inp, self._cfg, state)
-        self._rec.set(M.AUTOSCALER_CURRENT, ctx.current_num_replicas)
+        self._record(decision, ctx.current_num_replicas)
+        return decision.desired, {"kvpilot": dataclasses.asdict(state)}
+
+    def _record(self, decision: Decision, current: int) -> None:
+        """Metrics every call; a log line when the decision changes kind or count (the reason's numbers move every call)."""
+        self._rec.set(M.AUTOSCALER_CURRENT, current)
         self._rec.set(M.AUTOSCALER_DESIRED, decision.desired)
         self._rec.set(M.AUTOSCALER_KV_DEMAND, decision.kv_demand_ratio)
         self._rec.inc(M.AUTOSCALER_DECISIONS, 1, reason=decision.kind)
-        if decision.reason != self._last_reason or decision.desired != ctx.current_num_replicas:
-            logger.info("autoscaler %s: %d -> %d replicas: %s", self._model, ctx.current_num_replicas,
-                        decision.desired, decision.reason)
-            self._last_reason = decision.reason
-        return decision.desired, {"kvpilot": dataclasses.asdict(state)}
+        last = self.last_decision
+        if last is None or (last.kind, last.desired) != (decision.kind, decision.desired) or decision.desired != current:
+            logger.info("autoscaler %s: %d -> %d replicas: %s", self._model, current, decision.desired, decision.reason)
+        self.last_decision = decision

@@ -100,6 +100,36 @@ def test_rate_limiter_tokens_take_both_or_neither_and_refund():
     assert sum(rl.acquire("a", 0).allowed for _ in range(10)) == 8
 
 
+@pytest.mark.parametrize("seconds_per_request", [0.0, 0.5, 2.0, 7.5, 20.0])
+def test_admitted_requests_stay_within_the_derived_budget_however_slow_they_are(seconds_per_request):
+    from cluster.security import most_admitted
+
+    clock = Clock()
+    rl = RateLimiter(requests_per_minute=8, tokens_per_minute=None, clock=clock)
+    start, admitted = clock.t, 0
+    for sent in range(1, 41):  # one client, each request taking seconds_per_request before the next is sent
+        if rl.acquire("a", 1).allowed:
+            admitted += 1
+        assert min(sent, 8) <= admitted <= most_admitted(8, clock.t - start)  # the first 8 always pass
+        clock.t += seconds_per_request
+    if seconds_per_request >= 7.5:  # one refill per request at least: nothing is ever refused
+        assert admitted == 40
+    if seconds_per_request == 0.0:
+        assert admitted == 8 == most_admitted(8, 0.0)
+
+
+def test_a_refused_request_names_the_wait_the_clock_confirms():
+    clock = Clock()
+    rl = RateLimiter(requests_per_minute=8, tokens_per_minute=None, clock=clock)
+    assert all(rl.acquire("a", 0).allowed for _ in range(8))
+    v = rl.acquire("a", 0)
+    assert v.limit == "requests" and v.retry_after_s == pytest.approx(7.5)
+    clock.t += v.retry_after_s - 0.01
+    assert not rl.acquire("a", 0).allowed
+    clock.t += 0.02
+    assert rl.acquire("a", 0).allowed
+
+
 def test_unlimited_limiter_allows_everything():
     rl = RateLimiter(None, None)
     assert not rl.enabled and all(rl.acquire("a", 10**9).allowed for _ in range(1000))

@@ -1,0 +1,225 @@
+"""The Serve glue without a Ray cluster: ``deployments/router.py`` and ``deployments/autoscaling.py``.
+
+Serve's side is played by stand-ins: replicas with ``replica_id.unique_id`` and
+``routing_stats``, pending requests with ``args``/``kwargs``/``metadata``, and an
+autoscaling context with the fields Serve fills. Importing ray is fine; nothing here
+starts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray.serve")
+
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID  # noqa: E402
+
+import deployments.router as router_mod  # noqa: E402
+from cluster.autoscaling import ReplicaSignals, ScalerState, ScalingInput, decide  # noqa: E402
+from cluster.config import AutoscalingConfig  # noqa: E402
+from deployments.autoscaling import KVPilotAutoscaler  # noqa: E402
+from deployments.router import KVPilotRouter  # noqa: E402
+
+
+@dataclass(frozen=True)
+class _ID:
+    unique_id: str
+
+
+@dataclass
+class _Replica:
+    replica_id: _ID
+    routing_stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Request:  # what the ingress passes to a replica: the router reads only these two attributes
+    prompt_token_ids: list[int]
+    max_tokens: int
+
+
+@dataclass
+class _Pending:
+    args: list
+    kwargs: dict
+    metadata: SimpleNamespace
+
+
+def _router(**state) -> KVPilotRouter:
+    async def build() -> KVPilotRouter:
+        r = KVPilotRouter(deployment_id=DeploymentID(name="m", app_name="a"),
+                          handle_source=DeploymentHandleSource.UNKNOWN)
+        r.initialize_state(**state)
+        return r
+
+    return asyncio.run(build())
+
+
+_next_token = [10_000]
+
+
+def _pending(rid: str, prompt_tokens: int, max_tokens: int = 5000) -> _Pending:
+    start = _next_token[0]  # every prompt its own tokens: no prefix is shared by accident
+    _next_token[0] += prompt_tokens
+    req = _Request(list(range(start, start + prompt_tokens)), max_tokens)
+    return _Pending(args=["a positional argument that is not the request", req], kwargs={},
+                    metadata=SimpleNamespace(internal_request_id=rid))
+
+
+def _choose(router: KVPilotRouter, replicas: list[_Replica], pending: _Pending) -> list[str]:
+    ranks = asyncio.run(router.choose_replicas(replicas, pending))
+    return [rank[0].replica_id.unique_id for rank in ranks]
+
+
+def _route(router: KVPilotRouter, pending: _Pending, uid: str) -> None:
+    router.on_request_routed(pending, _ID(uid), None)
+
+
+# The policy's prefill queue alone decides (load_weight 0: tokens in flight do not), on a frozen clock.
+FROZEN = {"policy": "kvpilot", "params": {"clock": lambda: 0.0, "load_weight": 0.0}}
+
+
+def _two_loaded(router: KVPilotRouter, replicas: list[_Replica]) -> tuple[str, str]:
+    """Route a 1,000-token prompt, then a 1,200-token one; returns (replica of the first, of the second)."""
+    p1 = _pending("r1", 1000)
+    a = _choose(router, replicas, p1)[0]
+    _route(router, p1, a)
+    p2 = _pending("r2", 1200)
+    b = _choose(router, replicas, p2)[0]
+    _route(router, p2, b)
+    assert a != b  # a owes 1,000 tokens of prefill: the second goes to the other replica
+    return a, b
+
+
+def test_policy_counts_blocks_in_the_routers_block_size():
+    for policy in ("kvpilot", "dynamo"):
+        router = _router(policy=policy, block_tokens=128)  # the CPU plan's block
+        assert router._policy.block_tokens == router._block_tokens == router._index.block_tokens == 128
+
+
+def test_fallback_to_the_second_ranked_charges_the_replica_used_once():
+    router = _router(**FROZEN, block_tokens=128)
+    replicas = [_Replica(_ID("x")), _Replica(_ID("y"))]
+    a, b = _two_loaded(router, replicas)
+    px = _pending("rx", 600)
+    assert _choose(router, replicas, px) == [a, b]
+    _route(router, px, b)  # a was full: Serve used the second-ranked replica
+    assert router._ledger.requests == {a: 1, b: 2}
+    assert router._ledger.tokens == {a: 6000, b: 6200 + 5600}
+    # b now owes 1,200 + 600 tokens of prefill, a 1,000: the next request goes to a
+    assert _choose(router, replicas, _pending("probe", 600))[0] == a
+
+
+def test_choose_again_after_a_backoff_charges_once():
+    router = _router(**FROZEN, block_tokens=128)
+    replicas = [_Replica(_ID("x")), _Replica(_ID("y"))]
+    a, b = _two_loaded(router, replicas)
+    px = _pending("rx", 600)
+    first = _choose(router, replicas, px)
+    again = _choose(router, replicas, px)  # every replica was full: Serve backs off and asks again
+    assert first == again == [a, b]
+    _route(router, px, again[0])
+    assert router._ledger.requests == {a: 2, b: 1}
+    # a owes 1,000 + 600 once (not twice), b 1,200: the next request goes to b
+    assert _choose(router, replicas, _pending("probe", 600))[0] == b
+
+
+def test_completion_and_a_dead_replica_give_everything_back():
+    router = _router(**FROZEN, block_tokens=128)
+    replicas = [_Replica(_ID("x")), _Replica(_ID("y"))]
+    a, b = _two_loaded(router, replicas)
+    router.on_request_completed(_ID(a), "r1")
+    assert router._ledger.requests[a] == 0 and a not in router._policy._mine
+    async def b_is_gone() -> None:
+        router.update_replicas([r for r in replicas if r.replica_id.unique_id == a])
+
+    asyncio.run(b_is_gone())
+    assert b not in router._ledger.requests and not router._inflight
+    assert not router._policy._mine and not router._policy._empty_at
+
+
+def test_a_request_cancelled_before_it_is_routed_is_not_kept_forever():
+    router = _router(policy="kvpilot", block_tokens=16)
+    replicas = [_Replica(_ID("x")), _Replica(_ID("y"))]
+    bound = getattr(router_mod, "MAX_PLACING", 4096)
+    for i in range(bound + 50):  # ranked, then cancelled by the client: Serve never routes them
+        _choose(router, replicas, _pending(f"gone{i}", 32, max_tokens=1))
+    placing = getattr(router, "_placing", None) or getattr(router, "_pending", {})
+    assert len(placing) <= bound
+
+
+def test_routing_facts_come_from_any_argument_with_prompt_ids_and_max_tokens():
+    req = _Request([1, 2, 3], 7)
+    assert router_mod._routing_facts(["x", req], {}) == ([1, 2, 3], 7)
+    assert router_mod._routing_facts([], {"request": req}) == ([1, 2, 3], 7)
+    assert router_mod._routing_facts([SimpleNamespace(prompt_token_ids=[1])], {}) == ((), 0)
+
+
+# --- autoscaling ------------------------------------------------------------------------------
+
+
+CAPACITY = 10_000  # KV tokens per replica
+
+
+def _ctx(usage: tuple[float, ...], *, now: float, state: dict | None = None, queued: float = 0.0,
+         lo: int = 1, hi: int = 3, waiting: float = 1.0) -> SimpleNamespace:
+    ids = [f"rep{i}" for i in range(len(usage))]
+    metrics = {"kv_cache_usage": dict(zip(ids, usage)), "num_running": {i: 4.0 for i in ids},
+               "num_waiting": {i: waiting for i in ids}, "token_rate": {i: 100.0 for i in ids},
+               "generation_rate": {i: 40.0 for i in ids}}
+    return SimpleNamespace(aggregated_metrics=metrics, running_replicas=ids, current_num_replicas=len(ids),
+                           target_num_replicas=len(ids), total_queued_requests=queued, policy_state=state or {},
+                           current_time=now, capacity_adjusted_min_replicas=lo, capacity_adjusted_max_replicas=hi)
+
+
+def _expected(ctx: SimpleNamespace, cfg: AutoscalingConfig, state: ScalerState):
+    m = ctx.aggregated_metrics
+    reps = tuple(ReplicaSignals(m["kv_cache_usage"][i], 4.0, m["num_waiting"][i], 100.0, None, 40.0)
+                 for i in ctx.running_replicas)
+    inp = ScalingInput(ctx.current_time, ctx.current_num_replicas, reps, ctx.total_queued_requests, CAPACITY,
+                       ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas, ctx.target_num_replicas)
+    return decide(inp, cfg, state)
+
+
+def test_autoscaler_maps_serves_context_to_the_policys_inputs():
+    cfg = {"target_kv_usage": 0.5}
+    scaler = KVPilotAutoscaler("m", cfg, kv_capacity_tokens=CAPACITY, min_replicas=1, max_replicas=8)
+    ctx = _ctx((0.9, 0.8), now=100.0, queued=6.0)  # demand for 5 replicas; Serve's bounds (target capacity) stop at 3
+    desired, state = scaler(ctx)
+    want, want_state = _expected(ctx, AutoscalingConfig.model_validate(cfg), ScalerState())
+    assert (desired, state) == (want.desired, {"kvpilot": dataclasses.asdict(want_state)})
+    assert desired == 3 and "held to [1, 3]" in want.reason and scaler.last_decision == want
+
+
+def test_autoscaler_round_trips_its_state_through_serve():
+    cfg = AutoscalingConfig.model_validate({})
+    scaler = KVPilotAutoscaler("m", {}, kv_capacity_tokens=CAPACITY, min_replicas=1, max_replicas=3)
+    state, mine = {}, ScalerState()
+    for step, usage in enumerate([0.3, 0.35, 0.5, 0.6, 0.62]):
+        ctx = _ctx((usage, usage), now=10.0 * step, state=state)
+        desired, state = scaler(ctx)
+        want, mine = _expected(ctx, cfg, mine)
+        assert desired == want.desired and state == {"kvpilot": dataclasses.asdict(mine)}
+        state = json.loads(json.dumps(state))  # however Serve keeps it, plain JSON must do
+    assert len(mine.history) == 5  # every call's demand carried into the next
+
+
+def test_autoscaler_records_each_decision_and_logs_when_it_changes(caplog):
+    scaler = KVPilotAutoscaler("m", {}, kv_capacity_tokens=CAPACITY, min_replicas=1, max_replicas=3)
+    state: dict = {}
+    with caplog.at_level(logging.INFO, logger="kvpilot.autoscaling"):
+        for step in range(3):  # requests waiting, for 0, 1, 2 s: under the sustain window, the reason counting up
+            _, state = scaler(_ctx((0.3, 0.3), now=float(step), state=state))
+            assert scaler.last_decision.kind == "steady" and scaler.last_decision.desired == 2
+            assert f"pressure for {step} s" in scaler.last_decision.reason
+        _, state = scaler(_ctx((0.99, 0.99), now=3.0, state=state, queued=50.0))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines  # the first steady decision, then the scale-up: not every call
+    assert lines[-1].endswith(scaler.last_decision.reason) and scaler.last_decision.kind == "kv_demand"
