@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster import metrics as M
 from cluster.config import IngressConfig, ModelConfig
+from cluster.hub import resolve_source
 from cluster.placement import SERVE_LOOP_ENV
 from cluster.security import ANONYMOUS, KeyStore, RateLimiter, bearer_token, load_keys
 from deployments.protocol import FORWARDED_HEADERS, FORWARDED_ROUTES, HttpCall
@@ -316,6 +317,7 @@ class Ingress:
         self._calls = handles  # unary calls: readiness probes
         self._max_model_len = {m.name: m.effective_max_model_len() for m in models}
         self._limits = {m.name: m.limits for m in models}
+        self._max_num_seqs = {m.name: m.max_num_seqs for m in models}
         self._queue_bound = {
             m.name: m.limits.max_queued_requests or QUEUE_PER_SEQ * m.max_num_seqs * max(1, m.max_replicas)
             for m in models
@@ -323,7 +325,8 @@ class Ingress:
         self._in_flight = {m.name: 0 for m in models}
         # Tokenize here, once: the router needs the prompt's blocks and the context limit is
         # enforced before any replica sees the request.
-        self._tokenizers = {m.name: AutoTokenizer.from_pretrained(m.source) for m in models}
+        # A hub id resolves to a snapshot of its tokenizer files (cluster.hub), never the weights.
+        self._tokenizers = {m.name: AutoTokenizer.from_pretrained(resolve_source(m.source, m.revision)) for m in models}
         self._templates = {m.name: _template_text(m.openai.chat_template) for m in models}
         self._default_model = models[0].name if len(models) == 1 else None
         self._created = int(time.time())
@@ -457,7 +460,10 @@ class Ingress:
             if not early.allowed:
                 raise self._rate_limited(early.limit, early.retry_after_s)
             prompt_ids, budget, raw = self._check_prompt(path, body, model, raw)
-            n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 1) > 0 else 1
+            n = body.get("n") if type(body.get("n")) is int and body["n"] > 0 else 1
+            if n > self._max_num_seqs[model]:  # each choice is a sequence the engine batches at once
+                raise _Refused(400, f"n {n} exceeds model {model}'s max_num_seqs {self._max_num_seqs[model]}: each "
+                               "choice takes an engine slot", "n", "n_exceeds_max_num_seqs")
             admission = self._admit(model, client, len(prompt_ids) + n * budget)
         except _Refused as e:
             return self._refuse(model, e)

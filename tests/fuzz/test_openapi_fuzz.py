@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from tests.fuzz.conftest import API_KEY, MAX_TOKENS
-from tests.fuzz.openapi_fuzz import run
+from tests.fuzz.openapi_fuzz import UNAUTHENTICATED_EVERY, run
 
 pytestmark = pytest.mark.serve
 
@@ -39,3 +39,7 @@ def test_fuzz_finds_no_server_error_and_only_openai_errors(fuzz_url):
     assert report.server_errors == 0
     assert not report.findings
     assert report.statuses[200] > 100, "too few cases reached the engine for the run to mean much"
+    # Every case sent without a key, and only those, got a 401 (the key gate runs before anything else).
+    generated = report.cases - sum(n for op, n in report.by_operation.items() if "hand-written" in op)
+    unauthenticated = -(-generated // UNAUTHENTICATED_EVERY)
+    assert report.statuses[401] == unauthenticated, report.statuses
