@@ -27,7 +27,7 @@ def _require_fixtures() -> None:
 
 @pytest.fixture(scope="package")
 def serve_instance():
-    """Real Ray (4 logical CPUs on 2 cores) and Ray Serve with its HTTP proxy on a free loopback port."""
+    """Real Ray (6 logical CPUs on 2 cores) and Ray Serve with its HTTP proxy on a free loopback port."""
     import ray
     from ray import serve
 
@@ -37,7 +37,7 @@ def serve_instance():
     # Ray serves every process's metrics (kvpilot's included) on this port, for Prometheus.
     metrics_port = _free_port()
     os.environ["KVPILOT_TEST_METRICS_PORT"] = str(metrics_port)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     for attempt in range(5):  # a free port can be taken between the probe and the proxy's bind
         port = _free_port()
         try:

@@ -333,3 +333,29 @@ def test_vllm_benchmark_client_reports_no_failures(base_url, backend, tmp_path):
     counts = {k: int(line.split()[-1]) for line in out.stdout.splitlines()
               for k in ("Successful requests:", "Failed requests:") if line.startswith(k)}
     assert counts == {"Successful requests:": 48, "Failed requests:": 0}
+
+
+# --- mixture-of-experts models through the whole stack -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moe_client(serve_instance):
+    from ray import serve
+
+    from cluster.config import read_serve_args
+    from tests.serve.conftest import deploy
+
+    args, _ = read_serve_args(ROOT / "configs/local-cpu-moe.yaml")
+    deploy(args, "moe", "/moe")
+    yield openai.OpenAI(base_url=f"{serve_instance}/moe/v1", api_key="unused", max_retries=0, timeout=120)
+    serve.delete("moe")
+
+
+@pytest.mark.parametrize("model", ["tiny-mixtral", "tiny-qwen3-moe"])
+def test_moe_models_serve_chat_and_streams(moe_client, model):
+    r = moe_client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                           extra_body=FIXED)
+    assert r.model == model and r.usage.completion_tokens == 6
+    chunks = list(moe_client.completions.create(model=model, prompt="Experts", max_tokens=5, stream=True,
+                                                stream_options={"include_usage": True}, extra_body=FIXED))
+    assert chunks[-1].usage.completion_tokens == 5 and "".join(c.choices[0].text for c in chunks if c.choices)
