@@ -23,7 +23,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
-fixtures: $(foreach q,$(QUANTS) $(EXTRA_FIXTURES),$(FIXTURES)/tiny-$(q)/config.json)
+fixtures: $(foreach q,$(QUANTS) $(EXTRA_FIXTURES),$(FIXTURES)/tiny-$(q)/config.json) $(FIXTURES)/tiny-lora/sql/adapter_config.json
+
+# PEFT LoRA adapters (sql, chat, poet) for the tiny Llama, each in .fixtures/tiny-lora/NAME.
+$(FIXTURES)/tiny-lora/sql/adapter_config.json: $(STAMP) cluster/tinymodel.py
+	$(BIN)/kvpilot tiny-model $(FIXTURES)/tiny-lora --fixture lora
 
 $(FIXTURES)/tiny-%/config.json: $(STAMP) cluster/tinymodel.py
 	$(BIN)/kvpilot tiny-model $(FIXTURES)/tiny-$* --fixture $*

@@ -14,7 +14,8 @@ KV capacity (the planner's KV tokens)::
 
 Compute: the decode inter-token latency (ITL) is estimated from what replicas report,
 Σ running sequences / Σ generated tokens per second over ``trend_window_s``. The
-ITL floor (``itl_floor_s``: one sequence's ITL; default the lowest windowed ITL seen)
+ITL floor (one sequence's ITL: ``itl_floor_s`` when set, else the replicas' own measurement,
+``ReplicaSignals.itl_floor_s``, else the lowest windowed ITL seen)
 is the engine's step cost with little load; the share of the step
 time the load adds is the compute usage, which the policy keeps at
 ``target_compute_usage`` (an ITL of floor / (1 − usage): 3.3× the floor at the default 0.7)::
@@ -52,6 +53,9 @@ class ReplicaSignals:
     token_rate: float = 0.0  # prompt + generated tokens per second
     gpu_memory_used_ratio: float | None = None
     generation_rate: float | None = None  # generated (output) tokens per second; None: not reported
+    # Measured by the replica from its own engine (cluster.calibration); None: not measured yet.
+    itl_floor_s: float | None = None  # decode step time at batch 1
+    kv_capacity_tokens: float | None = None  # KV blocks x block size as the engine allocated them
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,8 @@ class Decision:
     reason: str  # the sentence with the numbers
     kv_demand_ratio: float  # predicted demand over the current replicas' KV capacity
     signals: dict[str, float] = field(default_factory=dict)
+    # Where each fact came from: "override" (config), "measured" (replicas), "plan", or "learned" (traffic).
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 def decide(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState) -> tuple[Decision, ScalerState]:
@@ -107,8 +113,15 @@ def decide(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState) -> tup
     """
     now, cur = inp.now_s, inp.current_replicas
     have = max(cur, inp.target_replicas if inp.target_replicas is not None else cur)
-    cap = max(1, inp.kv_capacity_tokens)
-    used = sum(r.kv_cache_usage for r in inp.replicas) * cap
+    caps = [r.kv_capacity_tokens for r in inp.replicas if r.kv_capacity_tokens]
+    if caps and len(caps) == len(inp.replicas):  # every replica measured its own: use those
+        cap = max(1, round(sum(caps) / len(caps)))
+        used = sum(r.kv_cache_usage * r.kv_capacity_tokens for r in inp.replicas)
+        cap_source = "measured"
+    else:
+        cap = max(1, inp.kv_capacity_tokens)
+        used = sum(r.kv_cache_usage for r in inp.replicas) * cap
+        cap_source = "plan"
     running = sum(r.num_running for r in inp.replicas)
     waiting = sum(r.num_waiting for r in inp.replicas)
     per_request = used / running if running else DEFAULT_TOKENS_PER_REQUEST
@@ -130,10 +143,17 @@ def decide(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState) -> tup
     # Judge compute only on a window at least half full (the first seconds of traffic are prefills).
     known = reported and len(load) > 1 and now - load[0][0] >= cfg.trend_window_s / 2
     itl = run_sum / gen_sum if known and gen_sum > 0 and run_sum > 0 else None
+    learned = state.itl_floor_s if itl is None else min(itl, state.itl_floor_s or itl)
+    measured = sorted(r.itl_floor_s for r in inp.replicas if r.itl_floor_s)
     if cfg.itl_floor_s is not None:
         floor_s: float | None = cfg.itl_floor_s
+        floor_source = "override"
+    elif measured:  # the replicas' own step time at batch 1 (their median: one slow report moves nothing)
+        floor_s = measured[len(measured) // 2]
+        floor_source = "measured"
     else:
-        floor_s = state.itl_floor_s if itl is None else min(itl, state.itl_floor_s or itl)
+        floor_s = learned
+        floor_source = "learned"
     if itl is not None and floor_s is not None:
         usage = max(0.0, 1.0 - floor_s / itl)
     elif known and run_sum > 0 and gen_sum == 0:
@@ -162,20 +182,21 @@ def decide(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState) -> tup
         idle_since=None if busy else _since(state.idle_since, now),
         low_since=state.low_since,
         load=load,
-        itl_floor_s=floor_s,
+        itl_floor_s=floor_s if floor_source == "override" else learned,
     )
+    sources = {"itl_floor_s": floor_source, "kv_capacity_tokens": cap_source}
 
     def out(kind: str, desired: int, reason: str, **upd: float | None) -> tuple[Decision, ScalerState]:
         bounded = min(max(desired, inp.min_replicas), inp.max_replicas)
         if bounded != desired:
             reason += f" (held to [{inp.min_replicas}, {inp.max_replicas}])"
-        return Decision(bounded, kind, reason, ratio, signals), replace(st, **upd)
+        return Decision(bounded, kind, reason, ratio, signals, sources), replace(st, **upd)
 
     def compute_text() -> str:
         if itl is None:
             return f"compute usage {usage:.0%}"
         return (f"compute usage {usage:.0%} (inter-token latency {itl * 1e3:,.0f} ms over {cfg.trend_window_s:.0f} s, "
-                f"floor {floor_s * 1e3:,.0f} ms)")
+                f"floor {floor_s * 1e3:,.0f} ms {floor_source})")
 
     if cur == 0:
         if inp.queued_requests > 0 or busy:

@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-model", help="write a tiny random Llama (fp16, AWQ or GPTQ) for tests and demos")
     tiny.add_argument("out")
     tiny.add_argument("--quantization", choices=["none", "awq", "gptq"], default="none")
-    tiny.add_argument("--fixture", help="a named fixture instead: none, awq, gptq, mixtral-none, qwen3moe-none, w8a8 "
+    tiny.add_argument("--fixture", help="a named fixture instead: none, awq, gptq, mixtral-none, qwen3moe-none, w8a8, "
+                      "lora (PEFT adapters for the tiny Llama, in OUT/NAME) "
                       "(MoE: STYLE-QUANT with STYLE mixtral or qwen3moe)")
     tiny.add_argument("--seed", type=int, default=0)
 

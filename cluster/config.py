@@ -156,8 +156,9 @@ class AutoscalingConfig(_Strict):
     )
     itl_floor_s: float | None = Field(
         default=None, gt=0.0, le=60.0,
-        description="Inter-token latency of one replica with a single sequence (its step cost); default: the lowest "
-        "seen over a half-full trend_window_s window (too high under constant load, which makes the compute signal late).",
+        description="Override: inter-token latency of one replica with a single sequence (its step cost). Default: "
+        "what the replicas measure of their engines (decode steps at low batch, cluster/calibration.py), or before "
+        "any measurement the lowest seen over a half-full trend_window_s window.",
     )
     high_waiting_per_replica: float = Field(
         default=0.5, gt=0.0, le=1000.0,

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HubError", "ResolvedSource", "TensorInfo", "is_hub_id", "read_local_headers", "resolve", "resolve_source"]
+__all__ = ["HubError", "ResolvedSource", "TensorInfo", "is_hub_id", "read_local_headers", "resolve", "resolve_adapter",
+           "resolve_source"]
 
 # Files planning and tokenization need; weights are never downloaded.
 SIDE_FILES = (
@@ -94,6 +95,36 @@ def resolve_source(source: str, revision: str | None = None) -> str:
     resolved = resolve(source, revision)
     assert resolved.local_dir is not None
     return resolved.local_dir
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
+
+
+def resolve_adapter(source: str, revision: str | None = None) -> tuple[str, dict[str, Any]]:
+    """A LoRA adapter (a local directory or a hub id): its local directory and ``adapter_config.json``.
+
+    Unlike a model, an adapter is small: from the hub its config and weights are downloaded
+    (``huggingface_hub``'s cache, same environment variables), since vLLM loads it from a path.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise HubError(f"{source}: revision {revision!r} applies to hub ids, not to a local directory")
+        directory = path.resolve()
+    elif source.startswith(("/", "./", "../", "~")) or not _HUB_ID.match(source):
+        raise HubError(f"{source}: no such adapter directory, and not a hub id of the form ORG/NAME")
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            directory = Path(snapshot_download(source, revision=revision, allow_patterns=list(ADAPTER_FILES)))
+        except Exception as e:  # the same causes as a model's: offline, gated, not found, unreachable
+            raise _hub_error(source, revision, e) from e
+    cfg_file = directory / ADAPTER_CONFIG
+    if not cfg_file.is_file():
+        raise HubError(f"{source}: no {ADAPTER_CONFIG} (a PEFT LoRA adapter has one)")
+    return str(directory), _read_json(cfg_file, ADAPTER_CONFIG)
 
 
 # --- local ----------------------------------------------------------------

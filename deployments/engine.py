@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from cluster import metrics as M
+from cluster.calibration import EngineCalibrator
 from cluster.config import ModelConfig
 from deployments.gpu import GpuMemoryProbe
 from deployments.protocol import HttpCall
@@ -40,8 +41,15 @@ class EngineStats:
     preemptions: int = 0  # cumulative
     updated_at: float = 0.0
 
+    def __post_init__(self) -> None:
+        self.calibration = EngineCalibrator()  # not a field: asdict (the stats dict) leaves it out
+
     def update(self, scheduler_stats: Any, iteration_stats: Any, rec: Recorder | None) -> None:
         if iteration_stats is not None:
+            it, cal = iteration_stats, self.calibration  # what the policies need of this engine, measured
+            cal.observe_step(it.inter_token_latencies_iter, len(it.time_to_first_tokens_iter), it.num_prompt_tokens)
+            for f in it.finished_requests:
+                cal.observe_prefill(f.num_prompt_tokens - f.num_cached_tokens, f.prefill_time)
             self.prompt_tokens += iteration_stats.num_prompt_tokens
             self.generation_tokens += iteration_stats.num_generation_tokens
             self.preemptions += iteration_stats.num_preempted_reqs
@@ -151,6 +159,9 @@ class ModelServer:
         started = time.monotonic()
         self._engine = engine_factory(model, self._stats, self._rec)
         self._http = await VllmHttpApp.build(model, self._engine)
+        cache = getattr(getattr(self._engine, "vllm_config", None), "cache_config", None)
+        if cache is not None and getattr(cache, "num_gpu_blocks", None):  # KV capacity as the engine allocated it
+            self._stats.calibration.kv_capacity_tokens = int(cache.num_gpu_blocks) * int(cache.block_size)
         logger.info("model %s: engine ready in %.1f s", model.name, time.monotonic() - started)
 
     # --- requests --------------------------------------------------------
@@ -192,7 +203,16 @@ class ModelServer:
         self._rec.set(M.ENGINE_KV_CACHE_USAGE, live["kv_cache_usage"])
         self._rec.set(M.ENGINE_RUNNING, live["num_running"])
         self._rec.set(M.ENGINE_WAITING, live["num_waiting"])
-        return live
+        return {**live, **self._calibration()}
+
+    def _calibration(self) -> dict[str, float]:
+        """What this replica measured of its engine (cluster.calibration): only the facts known so far."""
+        facts = self._stats.calibration.snapshot().as_stats()
+        for key, metric in (("itl_floor_s", M.ENGINE_ITL_FLOOR), ("prefill_tokens_per_s", M.ENGINE_PREFILL_RATE),
+                            ("kv_capacity_tokens", M.ENGINE_KV_CAPACITY)):
+            if key in facts:
+                self._rec.set(metric, facts[key])
+        return facts
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Signals for kvpilot's autoscaling policy (cluster/autoscaling.py), every few seconds."""
@@ -209,6 +229,7 @@ class ModelServer:
             # with num_running: the inter-token latency, the policy's compute signal
             "generation_rate": (generated - generated_before) / (now - then) if now > then else 0.0,
         }
+        out.update(self._calibration())
         gpus = self._export_gpu_memory()
         if gpus:
             out["gpu_memory_used_ratio"] = max(used / total for _, used, total in gpus)

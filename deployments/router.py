@@ -14,11 +14,15 @@ ingress), so it sees every request this ingress sends to the model:
   ``on_finished``), and so does a replica that Serve reports dead or gone, whose
   blocks the index forgets at once;
 - engine stats (KV use, running, waiting) come from each replica's
-  ``record_routing_stats()``.
+  ``record_routing_stats()``, and so do the facts the replica measured of its engine
+  (``cluster.calibration``: KV capacity, prefill speed): used when present, the plan's
+  otherwise (or the policy's override), with a log line whenever a replica's source
+  changes and the speed in use in ``kvpilot_router_prefill_tokens_per_second{source}``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -27,6 +31,7 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from cluster import metrics as M
+from cluster.calibration import KV_CAPACITY_KEY, PREFILL_KEY, SourceLog
 from cluster.routing import Candidates, Ledger, PrefixIndex, RoutingRequest, block_hashes, candidates, make_policy
 from deployments.telemetry import Recorder
 
@@ -34,6 +39,8 @@ from deployments.telemetry import Recorder
 # backoff, then on_request_routed): one that is cancelled before it is routed is never told to
 # the router, so the oldest entries go beyond this many (re-hashed if Serve asks again).
 MAX_PLACING = 4096
+
+logger = logging.getLogger("kvpilot.router")
 
 
 def _routing_facts(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Sequence[int], int]:
@@ -68,6 +75,10 @@ class KVPilotRouter(RequestRouter):
         self._ledger = Ledger()
         self._inflight: dict[str, tuple[str, RoutingRequest]] = {}  # internal request id → (replica, request)
         self._placing: OrderedDict[str, RoutingRequest] = OrderedDict()  # routing facts, hashed once per request
+        self._model = model
+        self._facts: dict[str, tuple[Any, Any]] = {}  # replica -> (prefill speed, KV capacity) it last reported
+        self._caps: dict[str, int] = {}  # replica -> its measured KV capacity in tokens
+        self._sources = SourceLog()
 
     def _routing_request(self, pending: PendingRequest) -> RoutingRequest:
         rid = pending.metadata.internal_request_id
@@ -83,14 +94,40 @@ class KVPilotRouter(RequestRouter):
     def _candidates(self, replicas: list[RunningReplica], req: RoutingRequest) -> Candidates:
         ids = [r.replica_id.unique_id for r in replicas]
         stats = [r.routing_stats or {} for r in replicas]
+        facts = self._facts
+        for uid, s in zip(ids, stats):
+            reported = (s.get(PREFILL_KEY), s.get(KV_CAPACITY_KEY))
+            if facts.get(uid) != reported:
+                self._calibrate(uid, *reported)
+        caps = self._capacity if not self._caps else [self._caps.get(uid, self._capacity) for uid in ids]
         return candidates(
             ids, self._ledger,
             kv_cache_usage=[float(s.get("kv_cache_usage", 0.0)) for s in stats],
             num_running=[int(s.get("num_running", 0)) for s in stats],
             num_waiting=[int(s.get("num_waiting", 0)) for s in stats],
-            kv_capacity_tokens=self._capacity, index=self._index, block_hashes=req.block_hashes,
+            kv_capacity_tokens=caps, index=self._index, block_hashes=req.block_hashes,
             index_blocks=self._policy.uses_index_blocks,
         )
+
+    def _calibrate(self, uid: str, prefill: Any, capacity: Any) -> None:
+        """A replica reported new measurements: use them (or the plan's where absent), and say so when the source changes."""
+        self._facts[uid] = (prefill, capacity)
+        if capacity:
+            self._caps[uid] = int(capacity)
+            self._index.set_capacity(uid, int(capacity) // self._block_tokens)
+        else:
+            self._caps.pop(uid, None)
+        cap_source = "measured" if capacity else "plan"
+        if self._sources.changed(f"{uid}/kv", cap_source):
+            logger.info("router %s: replica %s KV capacity %s tokens (%s)", self._model, uid,
+                        f"{int(capacity or self._capacity):,}", cap_source)
+        setter = getattr(self._policy, "set_prefill_rate", None)
+        if setter is None:
+            return
+        used, source = setter(uid, None if prefill is None else float(prefill))
+        self._rec.set(M.ROUTER_PREFILL_RATE, used, replica=uid, source=source)
+        if self._sources.changed(f"{uid}/prefill", source):
+            logger.info("router %s: replica %s prefill speed %s tokens/s (%s)", self._model, uid, f"{used:,.0f}", source)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -145,9 +182,10 @@ class KVPilotRouter(RequestRouter):
         live = {r.replica_id.unique_id for r in replicas}
         for uid in (set(self._index.replicas()) | set(self._ledger.requests)) - live:
             self._forget(uid)
-        if self._capacity:
-            for uid in live:
-                self._index.set_capacity(uid, self._capacity // self._block_tokens)
+        for uid in live:
+            cap = self._caps.get(uid, self._capacity)
+            if cap:
+                self._index.set_capacity(uid, cap // self._block_tokens)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
@@ -158,3 +196,10 @@ class KVPilotRouter(RequestRouter):
             self._release(rid)
         self._index.remove_replica(uid)
         self._ledger.forget(uid)
+        self._facts.pop(uid, None)
+        self._caps.pop(uid, None)
+        self._sources.forget(f"{uid}/kv")
+        self._sources.forget(f"{uid}/prefill")
+        setter = getattr(self._policy, "set_prefill_rate", None)
+        if setter is not None:
+            setter(uid, None)

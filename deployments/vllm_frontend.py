@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,11 @@ def frontend_args(model: ModelConfig) -> argparse.Namespace:
         argv += ["--tool-call-parser", o.tool_call_parser, "--enable-auto-tool-choice"]
     if o.reasoning_parser is not None:
         argv += ["--reasoning-parser", o.reasoning_parser]
+    if model.lora is not None and model.lora.preload:
+        # vLLM's OpenAIServingModels loads these at start (add_lora) and serves them by name.
+        paths = model.adapter_paths()
+        argv += ["--lora-modules", *(json.dumps({"name": n, "path": paths[n], "base_model_name": model.name})
+                                     for n in model.lora.preload)]
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
     validate_parsed_serve_args(args)
     return args
@@ -92,6 +98,19 @@ def check_openai_config(model: ModelConfig, where: str) -> None:
         errors.append(f"{where}.openai.chat_template: {o.chat_template!r} is neither a file nor a Jinja template")
     if errors:
         raise ConfigError(errors)
+
+
+def register_adapters(models: Any, model: ModelConfig) -> None:
+    """Make the configured adapters that were not preloaded servable by name: vLLM's engine loads an
+    adapter from its path on the first request that names it (into a free or least recently used slot)."""
+    from vllm.lora.request import LoRARequest
+
+    if model.lora is None:
+        return
+    for name, path in model.adapter_paths().items():
+        if name not in models.lora_requests:
+            models.lora_requests[name] = LoRARequest(name, models.lora_id_counter.inc(1), path,
+                                                     base_model_name=model.name)
 
 
 class _Server:
@@ -117,6 +136,7 @@ class VllmHttpApp:
         tasks = tuple(await engine.get_supported_tasks())
         app = build_app(args, tasks, engine.model_config)
         await init_app_state(engine, app.state, args, tasks)
+        register_adapters(app.state.openai_serving_models, model)
         app.state.server = _Server()
         _count_usage(engine)
         return cls(app, engine)

@@ -156,3 +156,15 @@ def test_bad_compute_settings_are_refused_with_path():
         ClusterConfig.from_args(_models(max_replicas=3, autoscaling={"itl_floor_s": 0}))
     with pytest.raises(ConfigError, match=r"models\[0\]\.autoscaling\.high_waiting_per_replica: -1"):
         ClusterConfig.from_args(_models(max_replicas=3, autoscaling={"high_waiting_per_replica": -1}))
+
+
+def test_measured_floor_is_used_over_the_learned_one():
+    # Constant load: the learned floor would be the load's own ITL (usage 0); the replicas measured 20 ms.
+    heavy = [ScalingInput(t, 2, tuple(ReplicaSignals(0.1, 100, 0.0, 800, generation_rate=400, itl_floor_s=f)
+                                      for f in (0.02, 0.03)), 0.0, CAP, 1, 8) for t in range(0, 61, 2)]
+    d, st = _run(heavy)
+    assert d.sources["itl_floor_s"] == "measured" and d.signals["itl_floor_s"] == 0.03  # the median of two: upper
+    assert d.kind == "compute_demand" and d.desired == 3 and "ms measured" in d.reason
+    assert abs(st.itl_floor_s - 0.25) < 1e-9  # the learned one is still kept, for a replica set that stops reporting
+    d, _ = _run([_load(t, 2, 100, 400) for t in range(62, 80, 2)], state=st)
+    assert d.sources["itl_floor_s"] == "learned"

@@ -220,6 +220,53 @@ def test_autoscaler_records_each_decision_and_logs_when_it_changes(caplog):
             assert scaler.last_decision.kind == "steady" and scaler.last_decision.desired == 2
             assert f"pressure for {step} s" in scaler.last_decision.reason
         _, state = scaler(_ctx((0.99, 0.99), now=3.0, state=state, queued=50.0))
-    lines = [r.getMessage() for r in caplog.records]
+    lines = [r.getMessage() for r in caplog.records if " replicas: " in r.getMessage()]
     assert len(lines) == 2, lines  # the first steady decision, then the scale-up: not every call
     assert lines[-1].endswith(scaler.last_decision.reason) and scaler.last_decision.kind == "kv_demand"
+
+
+def test_autoscaler_uses_the_replicas_measured_floor_and_says_so(caplog):
+    scaler = KVPilotAutoscaler("m", {}, kv_capacity_tokens=CAPACITY, min_replicas=1, max_replicas=3)
+    with caplog.at_level(logging.INFO, logger="kvpilot.autoscaling"):
+        ctx = _ctx((0.3, 0.3), now=0.0)
+        scaler(ctx)
+        assert scaler.last_decision.sources == {"itl_floor_s": "learned", "kv_capacity_tokens": "plan"}
+        for key, value in (("itl_floor_s", 0.021), ("kv_capacity_tokens", 2 * CAPACITY)):
+            ctx.aggregated_metrics[key] = {rid: value for rid in ctx.running_replicas}
+        ctx.current_time = 1.0
+        scaler(ctx)
+    d = scaler.last_decision
+    assert d.sources == {"itl_floor_s": "measured", "kv_capacity_tokens": "measured"}
+    assert d.signals["itl_floor_s"] == 0.021
+    assert abs(d.signals["kv_tokens_used"] - 0.6 * 2 * CAPACITY) < 1e-6  # usage x each replica's own capacity
+    lines = [r.getMessage() for r in caplog.records]
+    assert "autoscaler m: itl_floor_s 21.0 ms from measured" in lines
+    assert "autoscaler m: kv_capacity_tokens from measured" in lines
+
+
+def test_router_uses_each_replicas_measured_prefill_speed_and_capacity(caplog):
+    router = _router(model="m", policy="kvpilot", kv_capacity_tokens=100_000, block_tokens=16)
+    fast = _Replica(_ID("fast"), {"prefill_tokens_per_s": 20_000.0, "kv_capacity_tokens": 50_000.0})
+    slow = _Replica(_ID("slow"), {})
+    with caplog.at_level(logging.INFO, logger="kvpilot.router"):
+        _choose(router, [fast, slow], _pending("r0", 64))
+    pol = router._policy
+    assert pol._drain == {"fast": 20_000.0 * pol.prefill_efficiency}
+    assert router._caps == {"fast": 50_000}
+    lines = [r.getMessage() for r in caplog.records]
+    assert "router m: replica fast prefill speed 20,000 tokens/s (measured)" in lines
+    assert "router m: replica slow prefill speed 6,900 tokens/s (plan)" in lines
+    assert "router m: replica fast KV capacity 50,000 tokens (measured)" in lines
+    # The same queued prefill drains ~3x faster on the replica that measured 20k tokens/s.
+    for rid in ("fast", "slow"):
+        pol.on_routed(_Request([], 0) and router._routing_request(_pending(f"q-{rid}", 6900, 0)), rid)
+    owed = dict(zip(("fast", "slow"), pol._owed(["fast", "slow"], [10**9, 10**9], pol.clock() + 0.5)))
+    assert owed["fast"] < owed["slow"]
+    router.on_replica_actor_died(_ID("fast"))
+    assert "fast" not in pol._drain and "fast" not in router._caps
+
+
+def test_an_override_beats_the_measurement():
+    router = _router(model="m", policy="kvpilot", params={"prefill_tokens_per_s": 5000.0}, kv_capacity_tokens=1000)
+    _choose(router, [_Replica(_ID("a"), {"prefill_tokens_per_s": 20_000.0}), _Replica(_ID("b"))], _pending("r", 32))
+    assert router._policy._drain == {}

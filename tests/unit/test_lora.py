@@ -1,0 +1,146 @@
+"""LoRA adapters in the config: each refusal names the adapter, its source and the reason; buffers in the plan."""
+
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ClusterConfig, ConfigError
+from cluster.tinymodel import TINY_DIMS, TINY_LORAS, write_tiny_lora, write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-none", "none")
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("loras")
+    for name, (rank, alpha, targets) in TINY_LORAS.items():
+        write_tiny_lora(out / name, name, rank, alpha, targets)
+    return out
+
+
+def _model(base: Path, lora: dict, **kw) -> dict:
+    return {"name": "tiny", "source": str(base), "accelerator": "cpu", "max_model_len": 512, "lora": lora, **kw}
+
+
+def _errors(*models: dict) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        ClusterConfig.from_args({"models": list(models)})
+    return e.value.errors
+
+
+def test_adapters_engine_args_and_bases(base, adapters):
+    cfg = ClusterConfig.from_args({"models": [_model(base, {
+        "adapters": {"sql": str(adapters / "sql"), "poet": str(adapters / "poet")},
+        "max_loras": 2, "max_cpu_loras": 3, "max_lora_rank": 16, "preload": ["sql"]})]})
+    m = cfg.models[0]
+    args = m.engine_args()
+    assert (args["enable_lora"], args["max_loras"], args["max_lora_rank"], args["max_cpu_loras"]) == (True, 2, 16, 3)
+    assert cfg.adapter_bases() == {"sql": "tiny", "poet": "tiny"}
+    assert m.adapter_paths() == {"sql": str((adapters / "sql").resolve()), "poet": str((adapters / "poet").resolve())}
+
+
+def test_no_lora_no_lora_engine_args(base):
+    args = ClusterConfig.from_args({"models": [{**_model(base, {}), "lora": None}]}).models[0].engine_args()
+    assert "enable_lora" not in args
+
+
+def test_rank_above_max_lora_rank_names_adapter(base, adapters):
+    (err,) = _errors(_model(base, {"adapters": {"poet": str(adapters / "poet")}, "max_lora_rank": 8}))
+    assert err.startswith(f"args.models[0].lora.adapters.poet: '{adapters / 'poet'}' has rank 16, above max_lora_rank 8")
+    assert "raise max_lora_rank to 16" in err
+
+
+def test_adapter_for_another_base_refused_by_shape(base, tmp_path):
+    other = {**TINY_DIMS, "hidden_size": 512}
+    write_tiny_lora(tmp_path / "wide", "wide", 8, 16, ("q_proj",), dims=other)
+    (err,) = _errors(_model(base, {"adapters": {"wide": str(tmp_path / "wide")}}))
+    assert err.startswith("args.models[0].lora.adapters.wide: ")
+    assert "input width 512 is not the 256 of" in err and "trained on another base model" in err
+
+
+def test_adapter_with_more_layers_refused(base, tmp_path):
+    write_tiny_lora(tmp_path / "deep", "deep", 8, 16, ("v_proj",), dims={**TINY_DIMS, "num_hidden_layers": 3})
+    (err,) = _errors(_model(base, {"adapters": {"deep": str(tmp_path / "deep")}}))
+    assert "lora.adapters.deep" in err and "layer 2" in err and "has 2 layers" in err
+
+
+def test_unknown_target_module_refused(base, adapters, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(adapters / "sql", tmp_path / "gpt2ish")
+    cfg_file = tmp_path / "gpt2ish" / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "target_modules": ["c_attn"]}))
+    (err,) = _errors(_model(base, {"adapters": {"gpt2ish": str(tmp_path / "gpt2ish")}}))
+    assert "lora.adapters.gpt2ish" in err and "targets 'c_attn'" in err and "another architecture" in err
+
+
+def test_missing_adapter_and_bad_preload_and_ranks(base, adapters, tmp_path):
+    (err,) = _errors(_model(base, {"adapters": {"gone": str(tmp_path / "nope")}}))
+    assert err.startswith("args.models[0].lora.adapters.gone: ") and "no such adapter directory" in err
+    (err,) = _errors(_model(base, {"adapters": {"sql": str(adapters / "sql")}, "preload": ["chat"]}))
+    assert err == "args.models[0].lora.preload: 'chat' is not an adapter; adapters: sql"
+    (err,) = _errors(_model(base, {"adapters": {}, "max_lora_rank": 12}))
+    assert err.startswith("args.models[0].lora.max_lora_rank: 12 is not a rank vLLM supports")
+    (err,) = _errors(_model(base, {"adapters": {}, "max_loras": 4, "max_cpu_loras": 2}))
+    assert err == "args.models[0].lora.max_cpu_loras: 2 is below max_loras 4"
+
+
+def test_adapter_name_clashing_with_a_model_refused(base, adapters):
+    (err,) = _errors(_model(base, {"adapters": {"other": str(adapters / "sql")}}),
+                     {**_model(base, None), "name": "other"})
+    assert "'other' names an adapter of tiny and another model or adapter" in err
+
+
+def test_quantized_moe_base_refused(adapters):
+    fixture = ROOT / ".fixtures" / "tiny-mixtral-none"
+    if not (fixture / "config.json").is_file():
+        pytest.fail(".fixtures/tiny-mixtral-none is missing: run `make setup`")
+    (err,) = _errors(_model(fixture, {"adapters": {"sql": str(adapters / "sql")}}, quantization="fp8",
+                            accelerator="H100-80GB"))
+    assert err.startswith(f"args.models[0].lora: '{fixture}' cannot serve LoRA adapters: it is a mixture of experts "
+                          "with fp8 experts")
+
+
+def test_w8a8_base_on_cpu_refused(adapters):
+    fixture = ROOT / ".fixtures" / "tiny-w8a8"
+    if not (fixture / "config.json").is_file():
+        pytest.fail(".fixtures/tiny-w8a8 is missing: run `make setup`")
+    (err,) = _errors(_model(fixture, {"adapters": {"sql": str(adapters / "sql")}}))
+    assert err.startswith(f"args.models[0].lora: '{fixture}' cannot serve LoRA adapters: it is W8A8 int8")
+
+
+def test_awq_and_gptq_bases_take_the_adapters(adapters):
+    for q in ("awq", "gptq"):
+        fixture = ROOT / ".fixtures" / f"tiny-{q}"
+        if not (fixture / "config.json").is_file():
+            pytest.fail(f".fixtures/tiny-{q} is missing: run `make setup`")
+        lora = {"adapters": {n: str(adapters / n) for n in TINY_LORAS}, "max_cpu_loras": 4}
+        m = ClusterConfig.from_args({"models": [_model(fixture, lora, quantization=q)]}).models[0]
+        assert m.engine_args()["enable_lora"] is True
+
+
+def test_placement_allows_runtime_lora_updates_only_with_lora(base, adapters):
+    from cluster.placement import deployment_options
+
+    with_lora = ClusterConfig.from_args({"models": [_model(base, {"adapters": {"sql": str(adapters / "sql")}})]})
+    without = ClusterConfig.from_args({"models": [{**_model(base, None)}]})
+    env = deployment_options(with_lora.models[0])["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1"
+    env = deployment_options(without.models[0])["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env
+
+
+def test_frontend_args_preload_through_vllms_parser(base, adapters):
+    from deployments.vllm_frontend import frontend_args
+
+    m = ClusterConfig.from_args({"models": [_model(base, {
+        "adapters": {"sql": str(adapters / "sql"), "chat": str(adapters / "chat")}, "preload": ["chat"]})]}).models[0]
+    mods = frontend_args(m).lora_modules
+    assert [(x.name, x.path, x.base_model_name) for x in mods] == [("chat", str((adapters / "chat").resolve()), "tiny")]
