@@ -5,19 +5,27 @@ replicas. Each round opens ``--streams`` concurrent streamed completions; once `
 of them are streaming, one replica is killed:
 
 * ``--target actor`` (default): ``ray.kill`` of the replica actor (the process dies);
+* ``--target sigkill``: SIGKILL of the replica actor's process (as the OOM killer would);
 * ``--target engine``: SIGKILL of the replica's vLLM EngineCore process (the actor lives on,
   its engine is dead: Serve's health check has to find it).
+
+At the end the stack is stopped (``--stop clean``: Serve and Ray shut down) or killed
+(``--stop hard``: SIGKILL to every Ray process of the stack at once, as killing the process
+group and then ``ray stop --force`` do), and every vLLM engine process the stack ever had
+must be gone within 15 s: ``orphans_after_stop``.
 
 Per round it reports the streams that completed, failed mid-stream (tokens, then an error
 event and ``data: [DONE]``), failed before streaming (an error before any token: what the
 ingress's resubmission must prevent), failed uncleanly (no OpenAI error or no ``[DONE]``), or
 hung (no end within ``--stream-timeout``); the seconds until two replicas serve again; and
-engine processes the dead replica left behind. Exit status 1 if any stream hung, failed
-uncleanly or failed before streaming.
+engine processes the dead replica left behind (still alive 5 s after it was replaced). Exit
+status 1 if any stream hung, failed uncleanly or failed before streaming, or an engine process
+was orphaned.
 
     .venv/bin/python benchmarks/fault_kill.py                       # 3 rounds, actor kills
     .venv/bin/python benchmarks/fault_kill.py --target engine --rounds 2
     .venv/bin/python benchmarks/fault_kill.py --target actor,engine --rounds 2
+    .venv/bin/python benchmarks/fault_kill.py --target sigkill --rounds 1 --stop hard
 """
 
 from __future__ import annotations
@@ -34,10 +42,9 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fault_stack import ROOT, LocalStack, tiny_model, wait_for  # noqa: E402
+from fault_stack import ROOT, EngineWatch, LocalStack, engines_under, machine_orphans, tiny_model, wait_for  # noqa: E402
 
 MODEL = "tiny"
 
@@ -93,18 +100,18 @@ async def one_stream(http: httpx.AsyncClient, url: str, i: int, out: Stream, max
 
 
 def engine_cores(pid: int) -> list[int]:
-    try:
-        return [p.pid for p in psutil.Process(pid).children(recursive=True) if "EngineCore" in p.name()]
-    except psutil.NoSuchProcess:
-        return []
+    return [p.pid for p in engines_under(pid) if "EngineCore" in p.name()]
 
 
 def one_round(stack: LocalStack, n: int, max_tokens: int, kill_after: int, target: str, stream_timeout: float,
-              recover_timeout: float, headers: dict[str, str] | None = None) -> dict:
+              recover_timeout: float, headers: dict[str, str] | None = None, watch: EngineWatch | None = None) -> dict:
     assert wait_for(lambda: stack.running_replicas(MODEL) == 2 and len(stack.replicas(MODEL)) == 2, 600) is not None
     before = {r["name"]: r["pid"] for r in stack.replicas(MODEL)}
     victim = sorted(before)[0]
     cores = engine_cores(before[victim])
+    victim_engines = {p.pid for p in engines_under(before[victim])}  # its engine core and the core's workers
+    watch = watch or EngineWatch()
+    watch.see(stack.processes())
     streams = [Stream() for _ in range(n)]
     killed_at = 0.0
 
@@ -118,6 +125,8 @@ def one_round(stack: LocalStack, n: int, max_tokens: int, kill_after: int, targe
                 await asyncio.sleep(0.02)
             if target == "actor":
                 stack.kill_replica(victim)
+            elif target == "sigkill":
+                os.kill(before[victim], signal.SIGKILL)
             else:
                 for pid in cores:
                     os.kill(pid, signal.SIGKILL)
@@ -140,14 +149,15 @@ def one_round(stack: LocalStack, n: int, max_tokens: int, kill_after: int, targe
         return r.status_code == 200
 
     took = wait_for(recovered, recover_timeout, period_s=1.0)
-    time.sleep(5)
-    orphans = [pid for pid in cores if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    watch.see(stack.processes())
+    orphans = watch.orphans(among=victim_engines, within_s=5)
     return {
         "target": target, "streams": n, "max_tokens": max_tokens, "kill_after_streaming": kill_after, **counts,
         "first_chunk_read_after_kill": len(waiting),
         "first_chunk_read_after_kill_completed": sum(s.result == "completed" for s in waiting),
         "seconds_until_streams_ended": round(streams_done, 1),
         "seconds_until_two_replicas_serve": None if took is None else round(time.monotonic() - killed_at, 1),
+        "victim_engine_processes": len(victim_engines),
         "orphaned_engine_processes": len(orphans),
     }
 
@@ -158,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=8, help="per replica: the rest wait in Serve's queue")
     p.add_argument("--kill-after", type=int, default=8, help="kill once this many streams have a first chunk")
-    p.add_argument("--target", default="actor", help="actor, engine, or both comma-separated (alternating)")
+    p.add_argument("--target", default="actor",
+                   help="actor, sigkill, engine, or several comma-separated (alternating)")
+    p.add_argument("--stop", choices=("clean", "hard"), default="clean",
+                   help="end with serve/ray shutdown, or SIGKILL to every Ray process of the stack")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--stream-timeout", type=float, default=300.0, help="a stream not ended by then counts as hung")
     p.add_argument("--recover-timeout", type=float, default=600.0)
@@ -166,30 +179,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ns = p.parse_args(argv)
     targets = ns.target.split(",")
-    if not set(targets) <= {"actor", "engine"}:
-        p.error(f"--target {ns.target}: choose actor, engine or actor,engine")
+    if not set(targets) <= {"actor", "sigkill", "engine"}:
+        p.error(f"--target {ns.target}: choose among actor, sigkill, engine")
 
     stack = LocalStack({"models": [tiny_model(MODEL, 2, max_num_seqs=ns.max_num_seqs)]}, num_cpus=ns.num_cpus)
     started = time.monotonic()
+    orphans_before = set(machine_orphans())  # other stacks' leftovers on this machine, not ours
     stack.start()
     print(f"stack up in {time.monotonic() - started:.0f} s at {stack.url}", flush=True)
     rounds = []
+    watch = EngineWatch()
     try:
         for i in range(ns.rounds):
             for target in targets:
                 r = one_round(stack, ns.streams, ns.max_tokens, ns.kill_after, target, ns.stream_timeout,
-                              ns.recover_timeout)
+                              ns.recover_timeout, watch=watch)
                 rounds.append(r)
                 print(f"round {i + 1} ({target}): {json.dumps(r)}", flush=True)
     finally:
-        stack.stop()
+        watch.see(stack.processes())
+        if ns.stop == "hard":
+            killed = stack.hard_kill()
+            print(f"hard stop: SIGKILL to {len(killed)} Ray processes of the stack", flush=True)
+        else:
+            stack.stop()
+    left = watch.orphans(within_s=15)
+    stop = {"stop": ns.stop, "engine_processes_seen": len(watch.seen), "orphans_after_stop": len(left),
+            "orphans": left, "new_parent_1_engines_on_machine": len(set(machine_orphans()) - orphans_before)}
+    print(f"after the {ns.stop} stop: {json.dumps(stop)}", flush=True)
     ns.out.mkdir(parents=True, exist_ok=True)
     path = ns.out / f"fault-kill-{'-'.join(targets)}-{datetime.now():%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(ns).items()}, "rounds": rounds,
-                                "load_average": os.getloadavg()}, indent=2))
+                                "after_stop": stop, "load_average": os.getloadavg()}, indent=2))
     print(f"wrote {path}")
-    bad = [r for r in rounds if r["hung"] or r["failed_before_streaming"] or r["failed_unclean"]]
-    return 1 if bad else 0
+    bad = [r for r in rounds if r["hung"] or r["failed_before_streaming"] or r["failed_unclean"]
+           or r["orphaned_engine_processes"]]
+    if ns.stop == "hard":
+        os._exit(1 if bad or left else 0)  # the driver's Ray is gone: no clean interpreter exit to wait for
+    return 1 if bad or left else 0
 
 
 if __name__ == "__main__":

@@ -71,6 +71,21 @@ class LocalStack:
         finally:
             ray.shutdown()
 
+    def hard_kill(self) -> list[int]:
+        """What a crash or an OOM kill leaves: SIGKILL to every Ray process of the stack at once (as killing
+        its process group, then ``ray stop --force``, do), none to vLLM's engine processes, nor this driver."""
+        import signal
+
+        me = os.getpid()
+        victims = [p for p in self.processes() if p.pid != me and not is_engine(p)]
+        for p in victims:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(victims, timeout=10)
+        return [p.pid for p in victims]
+
     # --- looking inside -------------------------------------------------------
 
     def replicas(self, model: str) -> list[dict[str, Any]]:
@@ -134,6 +149,70 @@ def role(p: psutil.Process) -> str:
                 return cmd.split()[0] if cmd else name
             return key
     return name
+
+
+ENGINE_MARKERS = ("VLLM", "EngineCore")  # VLLM::EngineCore, VLLM::Worker (vLLM's process titles)
+
+
+def is_engine(p: psutil.Process) -> bool:
+    try:
+        return any(m in p.name() for m in ENGINE_MARKERS) and p.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+class EngineWatch:
+    """Every vLLM engine process the stack ever had (``see`` it often), and which outlived the stack.
+
+    The machine may run other stacks: an orphan is one of *this* stack's engine processes still
+    alive (not a zombie) once its replica or the whole stack is gone, whatever it was re-parented to.
+    ``machine_orphans()`` is the wider view: engine processes with parent 1 on the whole machine.
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[int, psutil.Process] = {}
+
+    def see(self, processes: list[psutil.Process]) -> int:
+        for p in processes:
+            if p.pid not in self.seen and is_engine(p):
+                self.seen[p.pid] = p
+        return len(self.seen)
+
+    def alive(self, among: set[int] | None = None) -> list[dict[str, Any]]:
+        out = []
+        for pid, p in self.seen.items():
+            if among is not None and pid not in among:
+                continue
+            try:
+                if p.is_running() and is_engine(p):  # is_running: the same process, not a reused pid
+                    out.append({"pid": pid, "name": p.name(), "ppid": p.ppid()})
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def orphans(self, among: set[int] | None = None, within_s: float = 15.0) -> list[dict[str, Any]]:
+        """Engine processes still alive ``within_s`` after their replica or stack died (must be [])."""
+        deadline = time.monotonic() + within_s
+        while (left := self.alive(among)) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        return left
+
+
+def machine_orphans() -> list[int]:
+    """Engine processes with parent 1 anywhere on this machine (other users' included)."""
+    out = []
+    for p in psutil.process_iter(["name", "ppid"]):
+        if p.info["ppid"] == 1 and is_engine(p):
+            out.append(p.pid)
+    return out
+
+
+def engines_under(pid: int) -> list[psutil.Process]:
+    """The vLLM engine processes below one process (a replica's engine core and its workers)."""
+    try:
+        return [p for p in psutil.Process(pid).children(recursive=True) if is_engine(p)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def wait_for(predicate: Any, timeout_s: float, period_s: float = 0.5) -> float | None:

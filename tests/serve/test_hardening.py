@@ -371,6 +371,40 @@ def test_a_dead_engine_fails_the_health_check_and_is_replaced(faulty):
     print(f"dead engine: replica stopped {gone:.1f} s after, replaced {time.monotonic() - killed:.1f} s after")
 
 
+ENGINE_BOUND_S = 10.0  # PR_SET_PDEATHSIG acts at once; the reaper's watcher polls every second
+
+
+def _alive_engines(processes: list[psutil.Process]) -> list[str]:
+    out = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {p.name()} (parent {p.ppid()})")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_a_sigkilled_replica_leaves_no_engine_process(faulty):
+    """SIGKILL of the replica's process (the OOM killer, ``ray stop --force``): its EngineCore and workers go too."""
+    assert _wait(lambda: len(_replicas(FAULTY)) == 2 and _running(FAULTY) == 2, 300) is not None
+    before = _replicas(FAULTY)
+    victim_name, victim_pid = sorted(before.items())[0]
+    engines = [p for p in psutil.Process(victim_pid).children(recursive=True)
+               if "VLLM" in p.name() or "EngineCore" in p.name()]
+    assert any("EngineCore" in p.name() for p in engines), [p.name() for p in engines]
+    os.kill(victim_pid, signal.SIGKILL)
+    killed = time.monotonic()
+    gone = _wait(lambda: not _alive_engines(engines), ENGINE_BOUND_S)
+    assert gone is not None, f"engine processes outlived their replica by {ENGINE_BOUND_S} s: {_alive_engines(engines)}"
+    print(f"SIGKILLed replica: its {len(engines)} engine processes gone {gone:.1f} s after")
+    replaced = _wait(lambda: _running(FAULTY) == 2 and victim_name not in _replicas(FAULTY)
+                     and len(_replicas(FAULTY)) == 2, 300)
+    assert replaced is not None, "no replacement replica within 300 s"
+    print(f"replaced {time.monotonic() - killed:.1f} s after the kill")
+    assert _complete(faulty, None, max_tokens=4).status_code == 200
+
+
 def test_router_forgets_a_dead_replica_at_once():
     from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
     from ray.serve.request_router import PendingRequest
