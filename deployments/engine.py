@@ -19,6 +19,7 @@ from typing import Any
 from cluster import metrics as M
 from cluster.calibration import EngineCalibrator
 from cluster.config import ModelConfig
+from deployments import reaper
 from deployments.gpu import GpuMemoryProbe
 from deployments.protocol import HttpCall
 from deployments.telemetry import Recorder
@@ -128,6 +129,7 @@ def start_vllm_engine(model: ModelConfig, stats: EngineStats, rec: Recorder | No
         import ray.util
 
         vllm_config.parallel_config.placement_group = ray.util.get_current_placement_group()
+    reaper.install()  # its engine core and workers die with this replica, however it dies
     return AsyncLLM(
         vllm_config=vllm_config,
         executor_class=Executor.get_class(vllm_config),
