@@ -315,6 +315,8 @@ class Ingress:
         self._cfg = ingress or IngressConfig()
         self._handles = {name: h.options(stream=True) for name, h in handles.items()}
         self._calls = handles  # unary calls: readiness probes
+        self._probes: dict[str, asyncio.Future] = {}  # the readiness probe in flight per model, never cancelled
+        self._starting_since: dict[str, float] = {}  # models reported as starting, since when
         self._max_model_len = {m.name: m.effective_max_model_len() for m in models}
         self._limits = {m.name: m.limits for m in models}
         self._max_num_seqs = {m.name: m.max_num_seqs for m in models}
@@ -418,17 +420,38 @@ class Ingress:
     @api.get("/health", responses={503: {"description": "A model has no replica that answers yet"}})
     async def health(self) -> JSONResponse:
         """200 once every model has a replica that answers; 503 while any is still starting."""
-        states = {}
-        for name, handle in self._calls.items():
-            call = handle.ready.remote()
-            try:
-                await asyncio.wait_for(asyncio.shield(call), timeout=HEALTH_PROBE_TIMEOUT_S)
-                states[name] = "ready"
-            except (asyncio.TimeoutError, Exception):
-                call.cancel()
-                states[name] = "unavailable"
+        states = dict(zip(self._calls, await asyncio.gather(*(self._probe(name) for name in self._calls))))
         ok = all(v == "ready" for v in states.values())
         return JSONResponse({"status": "ok" if ok else "starting", "models": states}, status_code=200 if ok else 503)
+
+    async def _probe(self, name: str) -> str:
+        """``ready`` or ``unavailable``: one no-op call per model at a time, waited for up to the probe timeout.
+
+        A model that is loading has no replica to take the call, so the call waits in Serve's
+        queue; it is left there (not cancelled) for the next probe to find answered, and a
+        starting model logs one line, not a cancelled call's traceback on every probe.
+        """
+        probe = self._probes.get(name)
+        if probe is None:
+            probe = self._probes[name] = asyncio.ensure_future(self._calls[name].ready.remote())
+        done, _ = await asyncio.wait({probe}, timeout=HEALTH_PROBE_TIMEOUT_S)
+        if not done:
+            if name not in self._starting_since:
+                self._starting_since[name] = time.monotonic()
+                logger.info("model %s: no replica answers yet (starting, or all replicas busy or gone)", name)
+            return "unavailable"
+        if self._probes.get(name) is probe:
+            del self._probes[name]  # the next probe asks again: a ready replica can die
+        error = probe.exception()
+        if error is not None:
+            logger.warning("model %s: readiness probe failed: %s", name, f"{type(error).__name__}: {error}"[:300])
+            self._starting_since.setdefault(name, time.monotonic())
+            return "unavailable"
+        since = self._starting_since.pop(name, None)
+        if since is not None:
+            logger.info("model %s: a replica answers (%.0f s after the first probe that found none)", name,
+                        time.monotonic() - since)
+        return "ready"
 
     @api.get("/v1/models", responses={401: {"description": _ERROR_RESPONSES[401]}})
     async def list_models(self) -> dict[str, Any]:
