@@ -236,6 +236,11 @@ class IngressConfig(_Strict):
         default=None, min_length=1,
         description="File of API keys (one per line or comma-separated, # comments), read by the ingress at start.",
     )
+    admin_api_keys_file: str | None = Field(
+        default=None, min_length=1,
+        description="File of admin API keys (same format; also KVPILOT_ADMIN_API_KEYS): they are accepted keys "
+        "that may also load and unload LoRA adapters (/v1/load_lora_adapter, /v1/unload_lora_adapter).",
+    )
     requests_per_minute: int | None = Field(
         default=None, ge=1, le=10_000_000, description="Requests per minute per API key (token bucket); none: unlimited."
     )
@@ -255,6 +260,8 @@ class IngressConfig(_Strict):
     def _keys_with_auth(self) -> IngressConfig:
         if self.auth == "off" and self.api_keys_file is not None:
             raise FieldError("api_keys_file", self.api_keys_file, "is set but auth is off; remove one of them")
+        if self.auth == "off" and self.admin_api_keys_file is not None:
+            raise FieldError("admin_api_keys_file", self.admin_api_keys_file, "is set but auth is off; remove one of them")
         return self
 
 
@@ -298,6 +305,71 @@ class OpenAIConfig(_Strict):
             raise FieldError("structured_outputs_backend", self.structured_outputs_backend,
                              "must be xgrammar or guidance when disable_any_whitespace is true")
         return self
+
+
+class LoraConfig(_Strict):
+    """LoRA adapters served on this model's base (vLLM multi-LoRA); ``model`` in a request may name one.
+
+    Example::
+
+        lora:
+          adapters:                      # name -> local PEFT directory or hub id
+            sql: /models/adapters/sql
+            chat: my-org/llama-chat-lora
+          max_loras: 4                   # adapters in one batch (GPU slots)
+          max_cpu_loras: 16              # adapters kept in host memory (default: max_loras)
+          max_lora_rank: 16              # largest adapter rank (vLLM sizes its buffers for it)
+          preload: [sql]                 # loaded at replica start; the others on first use
+
+    Each adapter is checked at config time: its rank against ``max_lora_rank``, its target
+    modules and tensor shapes against the base (``cluster.lora``).
+    """
+
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="Adapter name (what requests put in `model`) -> a local PEFT adapter "
+        "directory or a hub id (ORG/NAME), resolved like model sources.",
+    )
+    max_loras: int = Field(default=4, ge=1, le=256, description="Adapters resident on the GPU at once (one batch).")
+    max_cpu_loras: int | None = Field(
+        default=None, ge=1, le=4096, description="Adapters cached in host memory; default: max_loras.",
+    )
+    max_lora_rank: int = Field(default=16, description="Largest adapter rank: one of 1, 8, 16, 32, 64, 128, 256, 320, 512.")
+    preload: list[str] = Field(
+        default_factory=list, description="Adapters every replica loads at start; the others load on first use.",
+    )
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for name, source in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", name):
+                raise ValueError(f"adapter name {name!r} must be 1-128 letters, digits or ._:/- (it is a model id)")
+            if not isinstance(source, str) or not source:
+                raise ValueError(f"adapter {name!r}: source {source!r} must be a directory or a hub id")
+        return v
+
+    @model_validator(mode="after")
+    def _lora_bounds(self) -> LoraConfig:
+        from cluster.lora import MAX_LORA_RANKS
+
+        if self.max_lora_rank not in MAX_LORA_RANKS:
+            raise FieldError("max_lora_rank", self.max_lora_rank,
+                             f"is not a rank vLLM supports; choose one of {', '.join(map(str, MAX_LORA_RANKS))}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise FieldError("max_cpu_loras", self.max_cpu_loras, f"is below max_loras {self.max_loras}")
+        for name in self.preload:
+            if name not in self.adapters:
+                raise FieldError("preload", name, f"is not an adapter; adapters: {', '.join(self.adapters) or 'none'}")
+        if len(self.preload) > self.effective_max_cpu_loras:
+            raise FieldError("preload", self.preload, f"holds {len(self.preload)} adapters, more than max_cpu_loras "
+                             f"{self.effective_max_cpu_loras} keeps loaded")
+        return self
+
+    @property
+    def effective_max_cpu_loras(self) -> int:
+        return self.max_cpu_loras or self.max_loras
 
 
 class ModelConfig(_Strict):
@@ -363,6 +435,9 @@ class ModelConfig(_Strict):
     limits: ModelLimits = Field(default_factory=ModelLimits, description="Bounds the ingress enforces per request.")
     openai: OpenAIConfig = Field(
         default_factory=OpenAIConfig, description="Chat template, tool and reasoning parsers, structured outputs."
+    )
+    lora: LoraConfig | None = Field(
+        default=None, description="LoRA adapters on this base: names, sources, GPU and CPU slots, preloads.",
     )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -475,6 +550,8 @@ class ModelConfig(_Strict):
         if not support.supported:
             raise FieldError("quantization", self.quantization, f"cannot run on {accel.name}: {support.note}")
         self._check_parallelism(spec)
+        if self.lora is not None:
+            self._check_lora(spec)
         if self.max_model_len is not None and self.max_model_len > spec.max_position_embeddings:
             raise FieldError(
                 "max_model_len",
@@ -532,6 +609,33 @@ class ModelConfig(_Strict):
                         f"the quantization group size {g}",
                     )
 
+    def _check_lora(self, spec: ModelSpec) -> None:
+        from cluster.hub import HubError
+        from cluster.lora import AdapterError, check_adapter, lora_quantization_refusal
+
+        why = lora_quantization_refusal(spec, self.effective_quantization(), self.on_cpu)
+        if why is not None:
+            raise FieldError("lora", self.source, f"cannot serve LoRA adapters: it {why}")
+        for name, source in self.lora.adapters.items():
+            if name == self.name:
+                raise FieldError("lora.adapters", name, "is the model's own name; an adapter needs a name of its own")
+            try:
+                check_adapter(name, source, *self._resolve_adapter(source), spec, self.lora.max_lora_rank)
+            except (AdapterError, HubError) as e:
+                raise FieldError(f"lora.adapters.{name}", source, str(e)) from e
+
+    @staticmethod
+    def _resolve_adapter(source: str) -> tuple[str, dict[str, Any]]:
+        from cluster.hub import resolve_adapter
+
+        return resolve_adapter(source)
+
+    def adapter_paths(self) -> dict[str, str]:
+        """Each adapter's local directory (hub adapters in huggingface_hub's cache), as vLLM loads it."""
+        if self.lora is None:
+            return {}
+        return {name: self._resolve_adapter(source)[0] for name, source in self.lora.adapters.items()}
+
     def notes(self) -> list[str]:
         """Warnings that do not refuse the config: what vLLM will actually do."""
         out = []
@@ -559,6 +663,9 @@ class ModelConfig(_Strict):
             args["kv_cache_memory_bytes"] = int(self.cpu_kv_cache_space_gib * GIB)
         else:
             args["gpu_memory_utilization"] = self.gpu_memory_utilization
+        if self.lora is not None:
+            args.update(enable_lora=True, max_loras=self.lora.max_loras, max_lora_rank=self.lora.max_lora_rank,
+                        max_cpu_loras=self.lora.effective_max_cpu_loras)
         args.update(self.engine_kwargs)
         return args
 
@@ -580,6 +687,10 @@ _FIRST_CLASS_ENGINE_FIELDS = frozenset(
         "enable_prefix_caching",
         "kv_cache_memory_bytes",
         "distributed_executor_backend",
+        "enable_lora",
+        "max_loras",
+        "max_lora_rank",
+        "max_cpu_loras",
     }
 )
 
@@ -608,7 +719,17 @@ class ClusterConfig(_Strict):
             if m.name in seen:
                 raise FieldError("models", m.name, "is the name of two models; names must be unique")
             seen.add(m.name)
+        for m in self.models:  # an adapter's name picks its base's deployment: it must be unique too
+            for name in (m.lora.adapters if m.lora else ()):
+                if name in seen:
+                    raise FieldError("models", name, f"names an adapter of {m.name} and another model or adapter; "
+                                     "model and adapter names must be unique")
+                seen.add(name)
         return self
+
+    def adapter_bases(self) -> dict[str, str]:
+        """Adapter name -> the model whose deployment serves it."""
+        return {a: m.name for m in self.models for a in (m.lora.adapters if m.lora else ())}
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:

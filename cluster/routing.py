@@ -29,6 +29,7 @@ class RoutingRequest:
     prompt_tokens: int
     max_tokens: int  # the decode budget the request asked for (tokens it may still add to KV)
     block_hashes: tuple[int, ...] = ()  # chained hashes of the prompt's full blocks
+    adapter: str | None = None  # the LoRA adapter the request runs with (None: the base model)
 
 
 @dataclass(slots=True)
@@ -42,6 +43,7 @@ class ReplicaLoad:
     kv_capacity_tokens: int = 0  # from the planner; 0 if unknown
     cached_blocks: int = 0  # leading blocks of this request's prompt cached there (prefix index)
     index_blocks: int = 0  # blocks the prefix index believes the replica holds
+    has_adapter: bool = False  # the request's LoRA adapter is loaded there (report or ledger); False without one
 
 
 @dataclass(slots=True)
@@ -62,6 +64,7 @@ class Candidates:
     kv_capacity_tokens: Sequence[int]
     cached_blocks: Sequence[int]
     index_blocks: Sequence[int]
+    has_adapter: Sequence[bool]
 
     @classmethod
     def of(cls, replicas: Sequence[ReplicaLoad]) -> Candidates:
@@ -285,11 +288,12 @@ def block_hashes(token_ids: Sequence[int], block_tokens: int = BLOCK_TOKENS, par
 def candidates(replica_ids: Sequence[str], ledger: Ledger, kv_cache_usage: Sequence[float],
                num_running: Sequence[int], num_waiting: Sequence[int], kv_capacity_tokens: int | Sequence[int],
                index: PrefixIndex | None = None, block_hashes: Sequence[int] = (),
-               index_blocks: bool = True) -> Candidates:
+               index_blocks: bool = True, has_adapter: Sequence[bool] | None = None) -> Candidates:
     """The snapshot a policy ranks: the ledger's and the prefix index's columns beside the engines' last reports.
 
     ``index`` None (a policy that does not use the prefix index): no cached or index blocks;
     ``index_blocks`` False (``Policy.uses_index_blocks``): index blocks left 0, sparing a column.
+    ``has_adapter`` (per replica: the request's LoRA adapter is resident there) None: all False.
     """
     n = len(replica_ids)
     zeros = [0] * n
@@ -302,7 +306,47 @@ def candidates(replica_ids: Sequence[str], ledger: Ledger, kv_cache_usage: Seque
         sizes = index.sizes(replica_ids) if index_blocks else zeros
     return Candidates(replica_ids, list(map(ledger.requests.get, replica_ids, zeros)),
                       list(map(ledger.tokens.get, replica_ids, zeros)), kv_cache_usage, num_running, num_waiting,
-                      caps, cached, sizes)
+                      caps, cached, sizes, [False] * n if has_adapter is None else has_adapter)
+
+
+class AdapterLedger:
+    """Which LoRA adapters each replica holds: its last report, plus what was routed there since.
+
+    A replica reports the adapters in its engine's cache with its routing stats (seconds
+    apart); a request routed there with an adapter loads it, so it counts as held for
+    ``ttl_s`` after routing even before the next report says so.
+    """
+
+    def __init__(self, ttl_s: float = 5.0, clock: Callable[[], float] | None = None):
+        self.ttl_s = ttl_s
+        self.clock = clock or time.monotonic
+        self._reported: dict[str, frozenset[str]] = {}
+        self._routed: dict[str, dict[str, float]] = {}  # replica -> adapter -> when last routed there
+
+    def report(self, replica_id: str, adapters: Iterable[str]) -> None:
+        self._reported[replica_id] = frozenset(adapters)
+
+    def routed(self, replica_id: str, adapter: str | None) -> None:
+        if adapter is not None:
+            self._routed.setdefault(replica_id, {})[adapter] = self.clock()
+
+    def resident(self, replica_id: str, adapter: str | None) -> bool:
+        if adapter is None:
+            return False
+        if adapter in self._reported.get(replica_id, ()):
+            return True
+        when = self._routed.get(replica_id, {}).get(adapter)
+        return when is not None and self.clock() - when <= self.ttl_s
+
+    def column(self, replica_ids: Sequence[str], adapter: str | None) -> list[bool]:
+        """``resident`` of each replica, in order (all False without an adapter)."""
+        if adapter is None:
+            return [False] * len(replica_ids)
+        return [self.resident(r, adapter) for r in replica_ids]
+
+    def forget(self, replica_id: str) -> None:
+        self._reported.pop(replica_id, None)
+        self._routed.pop(replica_id, None)
 
 
 # --- policies ------------------------------------------------------------
@@ -481,6 +525,8 @@ class KVPilot(Policy):
                                                the leading blocks the prefix index says are cached)
              + load_weight × unaccounted tokens in flight
              + kv_penalty_tokens × (KV use after admission − kv_high), when that is positive
+             + adapter_load_tokens            (a LoRA request on a replica that does not hold its
+                                               adapter: the load delays its first token like a prefill)
 
     *Prefill owed* is this policy's own account: ``on_routed`` adds a request's uncached
     tokens to the queue of the replica it went to, and each queue drains at the replica's
@@ -502,6 +548,11 @@ class KVPilot(Policy):
     KV demand after admission is the larger of the engine's last (stale) report and the
     ledger's tokens in flight, plus this request's uncached prompt and output budget.
 
+    So a replica holding the request's adapter wins among comparable loads, and a hot adapter
+    spreads to more replicas once its holders' queues exceed the others' by more than a load
+    (no herding). The load is also queued as owed prefill on the replica that takes it
+    (``adapters``: the router's ``AdapterLedger``, consulted before it records the request).
+
     ``prefill_tokens_per_s`` is an override: set, it is every replica's speed. Unset, each
     replica's is what it measured of its own engine (``set_prefill_rate``, fed by the live
     router from the replica's stats, ``cluster.calibration``), and ``PLAN_PREFILL_TOKENS_PER_S``
@@ -515,8 +566,12 @@ class KVPilot(Policy):
     def __init__(self, seed: int = 0, load_weight: float = 1.0, kv_high: float = 0.9,
                  kv_penalty_tokens: float = 1e6, block_tokens: int = BLOCK_TOKENS,
                  prefill_tokens_per_s: float | None = None, prefill_efficiency: float = 0.7,
-                 clock: Callable[[], float] | None = None):
+                 clock: Callable[[], float] | None = None, adapter_load_tokens: float = 512.0):
         super().__init__(seed)
+        if adapter_load_tokens < 0:
+            raise ValueError(f"kvpilot: adapter_load_tokens ({adapter_load_tokens}) must be >= 0")
+        self.adapter_load_tokens = adapter_load_tokens
+        self.adapters: AdapterLedger | None = None  # set by the router: which replicas hold which adapters
         self.prefill_override = prefill_tokens_per_s
         if prefill_tokens_per_s is None:
             prefill_tokens_per_s = PLAN_PREFILL_TOKENS_PER_S
@@ -545,6 +600,9 @@ class KVPilot(Policy):
         lw = self.load_weight
         unaccounted = [t - m if t > m else 0 for t, m in zip(tifs, mine)]
         cost = [u + o + lw * x for u, o, x in zip(uncached, owed, unaccounted)]
+        if req.adapter is not None and self.adapter_load_tokens:
+            load = self.adapter_load_tokens
+            cost = [c if held else c + load for c, held in zip(cost, cands.has_adapter)]
         self._add_kv_penalty(cost, req, uncached, cands)
         return self._ordered(cost, cands.requests_in_flight, ids)
 
@@ -562,6 +620,8 @@ class KVPilot(Policy):
     def on_routed(self, req, replica_id, cached_blocks=0):
         now, mine = self.clock(), self._mine.get(replica_id, 0)
         owed = self._owed([replica_id], [mine], now)[0] + self._uncached(req.prompt_tokens, [cached_blocks])[0]
+        if req.adapter is not None and not (self.adapters is not None and self.adapters.resident(replica_id, req.adapter)):
+            owed += self.adapter_load_tokens  # the replica loads the adapter before this prefill
         self._empty_at[replica_id] = now + owed / self._drain.get(replica_id, self.drain_rate)
         self._mine[replica_id] = mine + req.prompt_tokens + req.max_tokens
 

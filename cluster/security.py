@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 API_KEYS_ENV = "KVPILOT_API_KEYS"  # comma-separated keys; the Helm chart delivers it
+ADMIN_API_KEYS_ENV = "KVPILOT_ADMIN_API_KEYS"  # comma-separated admin keys (also accepted as ordinary keys)
 MIN_KEY_CHARS = 16  # shorter keys are guessable by brute force over the network
 ANONYMOUS = "anonymous"  # the one client identity when auth is off: limits apply to all requests together
 
@@ -57,10 +58,25 @@ class KeyStore:
     """SHA-256 digests of the accepted keys; ``verify`` answers with an opaque client id."""
 
     digests: tuple[bytes, ...] = ()
+    admin_digests: tuple[bytes, ...] = ()  # a subset of digests: keys that may also change what is served
 
     @classmethod
-    def of(cls, keys: Iterable[str]) -> KeyStore:
-        return cls(tuple(dict.fromkeys(digest(k) for k in keys)))
+    def of(cls, keys: Iterable[str], admin_keys: Iterable[str] = ()) -> KeyStore:
+        admins = tuple(dict.fromkeys(digest(k) for k in admin_keys))
+        return cls(tuple(dict.fromkeys((*(digest(k) for k in keys), *admins))), admins)
+
+    def is_admin(self, client: str | None) -> bool:
+        """Whether the client id ``verify`` returned belongs to an admin key."""
+        if not client:
+            return False
+        try:
+            d = bytes.fromhex(client)
+        except ValueError:
+            return False
+        found = False
+        for stored in self.admin_digests:
+            found |= hmac.compare_digest(d, stored)
+        return found
 
     def __len__(self) -> int:
         return len(self.digests)
@@ -76,17 +92,24 @@ class KeyStore:
         return d.hex() if found else None
 
 
-def load_keys(file: str | None, environ: Mapping[str, str]) -> KeyStore:
-    """Every key from ``file`` (when given) and from ``KVPILOT_API_KEYS`` in ``environ``."""
-    keys: list[str] = []
-    if file is not None:
-        try:
-            text = Path(file).read_text(encoding="utf-8")
-        except OSError as e:
-            raise KeySourceError(f"api_keys_file {file!r} cannot be read ({e.strerror})") from e
-        keys += parse_keys(text, f"api_keys_file {file!r}")
+def _file_keys(file: str | None, field: str) -> list[str]:
+    if file is None:
+        return []
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except OSError as e:
+        raise KeySourceError(f"{field} {file!r} cannot be read ({e.strerror})") from e
+    return parse_keys(text, f"{field} {file!r}")
+
+
+def load_keys(file: str | None, environ: Mapping[str, str], admin_file: str | None = None) -> KeyStore:
+    """Every key from ``file`` (when given) and from ``KVPILOT_API_KEYS`` in ``environ``; admin keys from
+    ``admin_file`` and ``KVPILOT_ADMIN_API_KEYS`` (accepted as keys too)."""
+    keys = _file_keys(file, "api_keys_file")
     keys += parse_keys(environ.get(API_KEYS_ENV, ""), f"environment variable {API_KEYS_ENV}")
-    return KeyStore.of(keys)
+    admins = _file_keys(admin_file, "admin_api_keys_file")
+    admins += parse_keys(environ.get(ADMIN_API_KEYS_ENV, ""), f"environment variable {ADMIN_API_KEYS_ENV}")
+    return KeyStore.of(keys, admins)
 
 
 def bearer_token(authorization: str | None) -> str | None:

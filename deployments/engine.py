@@ -21,7 +21,7 @@ from cluster.calibration import EngineCalibrator
 from cluster.config import ModelConfig
 from deployments import reaper
 from deployments.gpu import GpuMemoryProbe
-from deployments.protocol import HttpCall
+from deployments.protocol import LORA_ADMIN_ROUTES, HttpCall
 from deployments.telemetry import Recorder
 from deployments.vllm_frontend import VllmHttpApp
 
@@ -161,6 +161,7 @@ class ModelServer:
         started = time.monotonic()
         self._engine = engine_factory(model, self._stats, self._rec)
         self._http = await VllmHttpApp.build(model, self._engine)
+        self._resident_adapters = await self._http.resident_adapters() if model.lora is not None else []
         cache = getattr(getattr(self._engine, "vllm_config", None), "cache_config", None)
         if cache is not None and getattr(cache, "num_gpu_blocks", None):  # KV capacity as the engine allocated it
             self._stats.calibration.kv_capacity_tokens = int(cache.num_gpu_blocks) * int(cache.block_size)
@@ -174,8 +175,13 @@ class ModelServer:
         Cancelling the stream (the client went away) aborts the engine request, which frees its
         slot in the engine's batch.
         """
+        adapter = getattr(call, "adapter", None)
+        if adapter is not None:  # an adapter loaded at run time through another replica: register it here
+            self._http.ensure_adapter(adapter, call.adapter_path, self._model.name)
         async for item in self._http.call(call.method, call.path, call.query, call.headers, call.body):
             yield item
+        if adapter is not None or call.path in LORA_ADMIN_ROUTES:
+            self._resident_adapters = await self._http.resident_adapters()
 
     # --- replica lifecycle and stats -------------------------------------
 
@@ -205,7 +211,10 @@ class ModelServer:
         self._rec.set(M.ENGINE_KV_CACHE_USAGE, live["kv_cache_usage"])
         self._rec.set(M.ENGINE_RUNNING, live["num_running"])
         self._rec.set(M.ENGINE_WAITING, live["num_waiting"])
-        return {**live, **self._calibration()}
+        out = {**live, **self._calibration()}
+        if self._model.lora is not None:  # the adapters in the engine's cache: the router prefers them
+            out["adapters"] = list(getattr(self, "_resident_adapters", ()))
+        return out
 
     def _calibration(self) -> dict[str, float]:
         """What this replica measured of its engine (cluster.calibration): only the facts known so far."""

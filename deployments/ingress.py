@@ -37,7 +37,7 @@ from cluster.config import IngressConfig, ModelConfig
 from cluster.hub import resolve_source
 from cluster.placement import SERVE_LOOP_ENV
 from cluster.security import ANONYMOUS, KeyStore, RateLimiter, bearer_token, load_keys
-from deployments.protocol import FORWARDED_HEADERS, FORWARDED_ROUTES, HttpCall
+from deployments.protocol import FORWARDED_HEADERS, FORWARDED_ROUTES, LORA_ADMIN_ROUTES, HttpCall
 from deployments.telemetry import Recorder
 
 logger = logging.getLogger("kvpilot.ingress")
@@ -333,6 +333,10 @@ class Ingress:
         self._default_model = models[0].name if len(models) == 1 else None
         self._created = int(time.time())
         self._keys = self._load_keys(self._cfg)
+        # LoRA adapters: a request's `model` may name one; it goes to its base model's deployment.
+        self._models = {m.name: m for m in models}
+        self._adapters: dict[str, tuple[str, str]] = {  # adapter -> (base model, directory)
+            a: (m.name, path) for m in models for a, path in m.adapter_paths().items()}
         self._limiter = RateLimiter(self._cfg.requests_per_minute, self._cfg.tokens_per_minute)
         self._metrics = Recorder()
         self.resubmitted = 0  # requests sent again after their replica died before answering
@@ -345,7 +349,7 @@ class Ingress:
         """The accepted keys, or None when auth is off (``auto`` with no key configured is off)."""
         if cfg.auth == "off":
             return None
-        keys = load_keys(cfg.api_keys_file, os.environ)  # the one place KVPILOT_API_KEYS is read
+        keys = load_keys(cfg.api_keys_file, os.environ, cfg.admin_api_keys_file)  # the one place the key env vars are read
         if not keys:
             if cfg.auth == "required":
                 raise ValueError("ingress.auth is required but no API key is configured: set KVPILOT_API_KEYS "
@@ -462,6 +466,10 @@ class Ingress:
                 {"id": name, "object": "model", "created": self._created, "owned_by": "kvpilot",
                  "root": name, "parent": None, "max_model_len": self._max_model_len[name]}
                 for name in self._handles
+            ] + [
+                {"id": name, "object": "model", "created": self._created, "owned_by": "kvpilot",
+                 "root": path, "parent": base, "max_model_len": self._max_model_len[base]}
+                for name, (base, path) in self._adapters.items()
             ],
         }
 
@@ -490,9 +498,11 @@ class Ingress:
             admission = self._admit(model, client, len(prompt_ids) + n * budget)
         except _Refused as e:
             return self._refuse(model, e)
+        adapter = self._adapters.get(body.get("model")) if isinstance(body.get("model"), str) else None
         call = HttpCall(request.method, path, request.scope.get("query_string", b""),
                         [(k, v) for k, v in request.scope["headers"] if k in FORWARDED_HEADERS], raw,
-                        uuid.uuid4().hex, prompt_ids, budget)
+                        uuid.uuid4().hex, prompt_ids, budget,
+                        adapter=body["model"] if adapter else None, adapter_path=adapter[1] if adapter else None)
         streaming = False
         try:
             response = await self._relay(call, admission)
@@ -505,6 +515,95 @@ class Ingress:
     for _path in FORWARDED_ROUTES:
         forward = api.post(_path, responses=_GENERATION_RESPONSES)(forward)
     del _path
+
+    # --- LoRA adapters at run time (admin keys only) ---------------------------
+
+    async def lora_admin(self, request: Request) -> Response:
+        """vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``, for the whole model.
+
+        The adapter is checked against its base (``cluster.lora``), then loaded by one replica with
+        vLLM's own route (which validates it in the engine); once loaded, the ingress routes the
+        name to the base's deployment and sends its path with every request, so every replica,
+        including one started later, registers it on first use. Body: vLLM's (``lora_name``,
+        ``lora_path``), plus ``model`` (the base) when more than one model takes adapters.
+        """
+        client = request.scope.get(CLIENT_SCOPE_KEY, ANONYMOUS)
+        path = _route_path(request.scope)
+        try:
+            if self._keys is None or not self._keys.is_admin(client):
+                raise _Refused(403, f"{path} needs an admin API key (ingress.admin_api_keys_file or "
+                               "KVPILOT_ADMIN_API_KEYS)", None, "admin_key_required")
+            body = _json_object(await self._read_body(request))
+            name = body.get("lora_name")
+            if not isinstance(name, str) or not name:
+                raise _Refused(400, "lora_name must name the adapter", "lora_name", "missing")
+            if path.endswith("/unload_lora_adapter"):
+                return await self._unload_adapter(name)
+            return await self._load_adapter(name, body)
+        except _Refused as e:
+            return self._refuse(NO_MODEL, e)
+
+    for _path in LORA_ADMIN_ROUTES:
+        lora_admin = api.post(_path, include_in_schema=False)(lora_admin)
+    del _path
+
+    def _lora_base(self, body: dict[str, Any]) -> str:
+        takers = [n for n, m in self._models.items() if m.lora is not None]
+        base = body.get("model", takers[0] if len(takers) == 1 else None)
+        if not takers:
+            raise _Refused(400, "no model serves LoRA adapters (a model needs a lora: section)", "model",
+                           "lora_not_enabled")
+        if base not in takers:
+            raise _Refused(400, f"model {_echo(base)} must name the base model, one of {', '.join(takers)}",
+                           "model", "invalid_base_model")
+        return base
+
+    async def _load_adapter(self, name: str, body: dict[str, Any]) -> Response:
+        from cluster.hub import HubError, resolve_adapter
+        from cluster.lora import AdapterError, check_adapter
+
+        base = self._lora_base(body)
+        if name in self._handles or (name in self._adapters and not body.get("load_inplace")):
+            raise _Refused(400, f"the name {name!r} is already served; unload it first", "lora_name", "name_taken")
+        source = body.get("lora_path")
+        if not isinstance(source, str) or not source:
+            raise _Refused(400, "lora_path must be the adapter's directory or hub id", "lora_path", "missing")
+        cfg = self._models[base]
+        try:
+            directory, adapter_cfg = await asyncio.to_thread(resolve_adapter, source)
+            check_adapter(name, source, directory, adapter_cfg, cfg.spec(), cfg.lora.max_lora_rank)
+        except (AdapterError, HubError) as e:
+            raise _Refused(400, f"adapter {name!r} ({_clip(source)}) {e}", "lora_path", "invalid_adapter") from None
+        raw = json.dumps({"lora_name": name, "lora_path": directory,
+                          "load_inplace": bool(body.get("load_inplace"))}).encode()
+        status, answer = await self._replica_call(base, "/v1/load_lora_adapter", raw)
+        if status == 200:
+            self._adapters[name] = (base, directory)
+            logger.info("adapter %s loaded on model %s from %s", name, base, directory)
+        return Response(answer, status_code=status,
+                        media_type="application/json" if answer.startswith(b"{") else "text/plain")
+
+    async def _unload_adapter(self, name: str) -> Response:
+        if name not in self._adapters:
+            raise _Refused(404, f"The lora adapter '{_clip(name)}' cannot be found.", "lora_name", "adapter_not_found")
+        base, _ = self._adapters.pop(name)
+        # The replica that answers forgets it; the others keep its registration, unreachable from here.
+        status, answer = await self._replica_call(base, "/v1/unload_lora_adapter",
+                                                  json.dumps({"lora_name": name}).encode())
+        logger.info("adapter %s unloaded from model %s (replica answered %d)", name, base, status)
+        return Response(f"Success: LoRA adapter '{name}' removed successfully.", status_code=200)
+
+    async def _replica_call(self, model: str, path: str, raw: bytes) -> tuple[int, bytes]:
+        call = HttpCall("POST", path, b"", [(b"content-type", b"application/json")], raw, uuid.uuid4().hex, [], 0)
+        stream = self._handles[model].serve_http.remote(call)
+        status, chunks = 500, []
+        async for item in stream:
+            if type(item) is bytes:
+                chunks.append(item)
+            elif "status" in item:
+                status = item["status"]
+                chunks.append(item["body"])
+        return status, b"".join(chunks)
 
     # --- serving ------------------------------------------------------------
 
@@ -527,6 +626,8 @@ class Ingress:
         if model is None:
             raise _Refused(400, f"Missing required parameter: model (one of {', '.join(self._handles)})", "model",
                            "missing")
+        if isinstance(model, str) and model in self._adapters:
+            return self._adapters[model][0]  # the base model's deployment serves its adapters
         if not isinstance(model, str) or model not in self._handles:
             raise _Refused(404, f"The model `{_clip(str(model))}` does not exist.", "model", "model_not_found")
         return model

@@ -20,6 +20,8 @@ FORWARDED_ROUTES = (
     "/tokenize",
     "/detokenize",
 )
+# vLLM's runtime adapter routes: only admin keys reach them, and the ingress applies them to the model.
+LORA_ADMIN_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 # Request headers a replica gets; never the client's key (the replica's app has no keys).
 FORWARDED_HEADERS = frozenset({b"content-type", b"accept", b"x-request-id", b"anthropic-version"})
 
@@ -36,3 +38,5 @@ class HttpCall:
     request_id: str
     prompt_token_ids: list[int]  # as the ingress tokenized the prompt; empty when it could not
     max_tokens: int  # the output budget the ingress charged (prompt + this bounds the KV it may take)
+    adapter: str | None = None  # the LoRA adapter the body's `model` names (None: the base model); the router reads it
+    adapter_path: str | None = None  # its directory: a replica that does not know the adapter yet registers it

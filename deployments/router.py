@@ -32,7 +32,9 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from cluster import metrics as M
 from cluster.calibration import KV_CAPACITY_KEY, PREFILL_KEY, SourceLog
-from cluster.routing import Candidates, Ledger, PrefixIndex, RoutingRequest, block_hashes, candidates, make_policy
+from cluster.routing import (
+    AdapterLedger, Candidates, Ledger, PrefixIndex, RoutingRequest, block_hashes, candidates, make_policy,
+)
 from deployments.telemetry import Recorder
 
 # Requests whose routing facts are kept between Serve's calls (choose_replicas, again after a
@@ -55,6 +57,14 @@ def _routing_facts(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Sequenc
     return (), 0
 
 
+def _adapter_of(args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
+    """The LoRA adapter the request names (``HttpCall.adapter``); None: the base model."""
+    for arg in (*args, *kwargs.values()):
+        if hasattr(arg, "prompt_token_ids") and hasattr(arg, "max_tokens"):
+            return getattr(arg, "adapter", None)
+    return None
+
+
 class KVPilotRouter(RequestRouter):
     def initialize_state(
         self,
@@ -73,6 +83,9 @@ class KVPilotRouter(RequestRouter):
         self._capacity = kv_capacity_tokens
         self._index = PrefixIndex(max_index_blocks, block_tokens)
         self._ledger = Ledger()
+        self._adapters = AdapterLedger()  # which replicas hold which LoRA adapters (reports + routing)
+        if hasattr(self._policy, "adapters"):
+            self._policy.adapters = self._adapters
         self._inflight: dict[str, tuple[str, RoutingRequest]] = {}  # internal request id → (replica, request)
         self._placing: OrderedDict[str, RoutingRequest] = OrderedDict()  # routing facts, hashed once per request
         self._model = model
@@ -86,7 +99,8 @@ class KVPilotRouter(RequestRouter):
         if req is None:
             ids, max_tokens = _routing_facts(pending.args, pending.kwargs or {})
             hashes = block_hashes(ids, self._block_tokens) if self._policy.uses_prefix else ()
-            req = self._placing[rid] = RoutingRequest(len(ids), max_tokens, hashes)
+            adapter = _adapter_of(pending.args, pending.kwargs or {})
+            req = self._placing[rid] = RoutingRequest(len(ids), max_tokens, hashes, adapter)
             if len(self._placing) > MAX_PLACING:
                 self._placing.popitem(last=False)
         return req
@@ -99,6 +113,8 @@ class KVPilotRouter(RequestRouter):
             reported = (s.get(PREFILL_KEY), s.get(KV_CAPACITY_KEY))
             if facts.get(uid) != reported:
                 self._calibrate(uid, *reported)
+            if "adapters" in s:
+                self._adapters.report(uid, s["adapters"])
         caps = self._capacity if not self._caps else [self._caps.get(uid, self._capacity) for uid in ids]
         return candidates(
             ids, self._ledger,
@@ -106,7 +122,7 @@ class KVPilotRouter(RequestRouter):
             num_running=[int(s.get("num_running", 0)) for s in stats],
             num_waiting=[int(s.get("num_waiting", 0)) for s in stats],
             kv_capacity_tokens=caps, index=self._index, block_hashes=req.block_hashes,
-            index_blocks=self._policy.uses_index_blocks,
+            index_blocks=self._policy.uses_index_blocks, has_adapter=self._adapters.column(ids, req.adapter),
         )
 
     def _calibrate(self, uid: str, prefill: Any, capacity: Any) -> None:
@@ -152,7 +168,8 @@ class KVPilotRouter(RequestRouter):
             self._release(rid)
         uid = replica_id.unique_id
         matched = self._index.match(uid, req.block_hashes) if req.block_hashes else 0
-        self._policy.on_routed(req, uid, matched)
+        self._policy.on_routed(req, uid, matched)  # before the adapter ledger: a load it needed counts there
+        self._adapters.routed(uid, req.adapter)
         self._ledger.sent(uid, req.prompt_tokens + req.max_tokens)
         self._inflight[rid] = (uid, req)
         if req.block_hashes:
@@ -196,6 +213,7 @@ class KVPilotRouter(RequestRouter):
             self._release(rid)
         self._index.remove_replica(uid)
         self._ledger.forget(uid)
+        self._adapters.forget(uid)
         self._facts.pop(uid, None)
         self._caps.pop(uid, None)
         self._sources.forget(f"{uid}/kv")

@@ -205,6 +205,20 @@ class VllmHttpApp:
                 task.cancel()  # vLLM's generator aborts the engine request on cancellation
             self._exit_if_engine_dead()
 
+    def ensure_adapter(self, name: str, path: str | None, base: str) -> None:
+        """Serve ``name`` from ``path`` (the ingress's record) if vLLM's app does not know it yet."""
+        from vllm.lora.request import LoRARequest
+
+        models = self._app.state.openai_serving_models
+        if path and name not in models.lora_requests:
+            models.lora_requests[name] = LoRARequest(name, models.lora_id_counter.inc(1), path, base_model_name=base)
+
+    async def resident_adapters(self) -> list[str]:
+        """Names of the adapters the engine holds loaded (its LoRA cache), sorted."""
+        ids = await self._engine.list_loras()
+        models = self._app.state.openai_serving_models
+        return sorted(n for n, r in models.lora_requests.items() if r.lora_int_id in ids)
+
     @staticmethod
     async def _next(messages: asyncio.Queue, task: asyncio.Task) -> dict[str, Any] | None:
         if not messages.empty():

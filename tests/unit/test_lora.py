@@ -144,3 +144,14 @@ def test_frontend_args_preload_through_vllms_parser(base, adapters):
         "adapters": {"sql": str(adapters / "sql"), "chat": str(adapters / "chat")}, "preload": ["chat"]})]}).models[0]
     mods = frontend_args(m).lora_modules
     assert [(x.name, x.path, x.base_model_name) for x in mods] == [("chat", str((adapters / "chat").resolve()), "tiny")]
+
+
+def test_admin_keys_are_accepted_keys_and_only_they_are_admin():
+    from cluster.security import ADMIN_API_KEYS_ENV, API_KEYS_ENV, load_keys
+
+    user, admin = "u" * 24, "a" * 24
+    store = load_keys(None, {API_KEYS_ENV: user, ADMIN_API_KEYS_ENV: admin})
+    u, a = store.verify(user), store.verify(admin)
+    assert u is not None and a is not None and len(store) == 2
+    assert store.is_admin(a) and not store.is_admin(u) and not store.is_admin(None) and not store.is_admin("zz")
+    assert not load_keys(None, {API_KEYS_ENV: user}).is_admin(u)  # no admin keys configured: nobody is

@@ -270,3 +270,48 @@ def test_an_override_beats_the_measurement():
     router = _router(model="m", policy="kvpilot", params={"prefill_tokens_per_s": 5000.0}, kv_capacity_tokens=1000)
     _choose(router, [_Replica(_ID("a"), {"prefill_tokens_per_s": 20_000.0}), _Replica(_ID("b"))], _pending("r", 32))
     assert router._policy._drain == {}
+
+
+@dataclass
+class _LoraRequest(_Request):  # HttpCall's adapter attribute
+    adapter: str | None = None
+
+
+def _lora_pending(rid: str, adapter: str | None, prompt_tokens: int = 200) -> _Pending:
+    p = _pending(rid, prompt_tokens, max_tokens=100)
+    req = p.args[1]
+    p.args[1] = _LoraRequest(req.prompt_token_ids, req.max_tokens, adapter)
+    return p
+
+
+def test_router_prefers_the_replica_that_reports_the_adapter_until_it_is_busier():
+    router = _router(**FROZEN, block_tokens=128)
+    replicas = [_Replica(_ID("x"), {"adapters": []}), _Replica(_ID("y"), {"adapters": ["sql"]})]
+    sent = []
+    for i in range(3):  # 200-token prompts: the holder wins while its queue is under the 512-token load
+        p = _lora_pending(f"a{i}", "sql")
+        uid = _choose(router, replicas, p)[0]
+        _route(router, p, uid)
+        sent.append(uid)
+    # y owes 200, then 400 tokens, below the load x would pay; at 600 owed, x (load 512 + 200) is cheaper
+    assert sent == ["y", "y", "y"]
+    p = _lora_pending("a3", "sql")
+    assert _choose(router, replicas, p)[0] == "x"  # the hot adapter spreads
+    _route(router, p, "x")
+    assert router._adapters.resident("x", "sql")  # routed there: held from now on (the load is queued there)
+    base = _lora_pending("b", None)
+    assert router._routing_request(base).adapter is None
+
+
+def test_adapter_requests_without_reports_follow_the_routers_own_ledger():
+    router = _router(**FROZEN, block_tokens=128)
+    replicas = [_Replica(_ID("x")), _Replica(_ID("y"))]
+    p = _lora_pending("c0", "chat")
+    first = _choose(router, replicas, p)[0]
+    _route(router, p, first)
+    p = _pending("c1", 200)  # a base-model request: no adapter term, goes to the idle replica
+    other = _choose(router, replicas, p)[0]
+    assert other != first
+    # equal prefill owed after the base request: the adapter's holder wins by the load it saves
+    _route(router, p, other)
+    assert _choose(router, replicas, _lora_pending("c2", "chat"))[0] == first
