@@ -44,7 +44,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fault_stack import ROOT, EngineWatch, LocalStack, engines_under, machine_orphans, tiny_model, wait_for  # noqa: E402
+from fault_stack import (ROOT, EngineWatch, LocalStack, engines_under, is_openai_error,  # noqa: E402
+                         machine_orphans, tiny_model, wait_for)
 
 MODEL = "tiny"
 
@@ -65,11 +66,7 @@ async def one_stream(http: httpx.AsyncClient, url: str, i: int, out: Stream, max
     try:
         async with http.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
             if r.status_code != 200:
-                text = (await r.aread()).decode()
-                try:
-                    clean = set(json.loads(text)["error"]) == {"message", "type", "param", "code"}
-                except (ValueError, KeyError, TypeError):
-                    clean = False
+                clean = is_openai_error((await r.aread()).decode())
                 out.result = "failed_before_streaming" if clean else "failed_unclean"
                 return
             done = error = False

@@ -8,6 +8,7 @@ Ray node's and their descendants.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -213,6 +214,14 @@ def engines_under(pid: int) -> list[psutil.Process]:
         return [p for p in psutil.Process(pid).children(recursive=True) if is_engine(p)]
     except psutil.NoSuchProcess:
         return []
+
+
+def is_openai_error(text: str) -> bool:
+    """An OpenAI error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    try:
+        return set(json.loads(text)["error"]) == {"message", "type", "param", "code"}
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def wait_for(predicate: Any, timeout_s: float, period_s: float = 0.5) -> float | None:

@@ -37,7 +37,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fault_stack import ROOT, LocalStack, role  # noqa: E402
+from fault_stack import ROOT, EngineWatch, LocalStack, role  # noqa: E402
 
 API_KEY = "sk-kvpilot-soak-0000000000000000000"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven tired engineers watch the cluster "
@@ -178,17 +178,45 @@ def _slope_mib_per_h(points: list[tuple[float, int]]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
 
 
-def rss_report(samples: list[tuple[float, dict[str, tuple[str, int]]]]) -> list[dict[str, Any]]:
-    """Per process present at the first and last sample: start/end/max RSS, growth, slope."""
+def rss_report(samples: list[tuple[float, dict[str, tuple[str, int]]]], warmup_s: float = 0.0,
+               rate_rps: float = 0.0) -> list[dict[str, Any]]:
+    """Per process present at the first and last sample: start/end/max RSS, growth, slope; and after warm-up
+    (samples from ``warmup_s`` on): the least-squares slope, in MiB/hour and KiB per request at ``rate_rps``,
+    and the growth it implies over the rest of the soak as a percentage of the RSS at the end of warm-up."""
     first, last = samples[0][1], samples[-1][1]
+    end_t = samples[-1][0]
     rows = []
     for pid in sorted(set(first) & set(last), key=lambda p: -last[p][1]):
         series = [(t, s[pid][1]) for t, s in samples if pid in s]
+        after = [(t, b) for t, b in series if t >= warmup_s]
+        slope = _slope_mib_per_h(after)
+        base_mib = after[0][1] / MIB if after else 0.0
         rows.append({"pid": int(pid), "role": last[pid][0], "start_mib": round(first[pid][1] / MIB, 1),
                      "end_mib": round(last[pid][1] / MIB, 1), "max_mib": round(max(b for _, b in series) / MIB, 1),
                      "growth_mib": round((last[pid][1] - first[pid][1]) / MIB, 1),
-                     "slope_mib_per_h": round(_slope_mib_per_h(series), 1)})
+                     "slope_mib_per_h": round(_slope_mib_per_h(series), 1),
+                     "after_warmup_slope_mib_per_h": round(slope, 2),
+                     "after_warmup_kib_per_request": round(slope * 1024 / (rate_rps * 3600), 3) if rate_rps else None,
+                     "after_warmup_growth_pct": round(100 * slope * (end_t - warmup_s) / 3600 / base_mib, 2)
+                     if base_mib else None})
     return rows
+
+
+def rss_violations(rows: list[dict[str, Any]], max_growth_pct: float, max_kib_per_request: float | None,
+                   min_mib: float = 50.0) -> list[str]:
+    """Processes over a bound after warm-up (processes under ``min_mib`` are Ray's small helpers: skipped)."""
+    bad = []
+    for r in rows:
+        if r["end_mib"] < min_mib:
+            continue
+        if r["after_warmup_growth_pct"] is not None and r["after_warmup_growth_pct"] > max_growth_pct:
+            bad.append(f"{r['role']} (pid {r['pid']}): +{r['after_warmup_growth_pct']}% after warm-up "
+                       f"(bound {max_growth_pct}%)")
+        kib = r["after_warmup_kib_per_request"]
+        if max_kib_per_request is not None and kib is not None and kib > max_kib_per_request:
+            bad.append(f"{r['role']} (pid {r['pid']}): {kib} KiB per request after warm-up "
+                       f"(bound {max_kib_per_request})")
+    return bad
 
 
 def scan_logs_for(logs: Path, secret: str) -> dict[str, Any]:
@@ -215,11 +243,16 @@ def markdown(result: dict[str, Any]) -> str:
              f"during the soak: {result['processes_changed']}", "",
              f"API key in the stack's logs: {len(result['key_scan']['files_with_key'])} of "
              f"{result['key_scan']['files']} files ({result['key_scan']['mib']} MiB scanned)", "",
-             "| pid | role | start MiB | end MiB | max MiB | growth MiB | slope MiB/h |",
-             "|---|---|---|---|---|---|---|"]
+             f"after a {result['warmup_min']} min warm-up: bounds {result['max_growth_pct']}% growth, "
+             f"{result['max_kib_per_request']} KiB/request; over them: {result['rss_violations'] or 'none'}; "
+             f"engine processes left after the stop: {result['orphans_after_stop']}", "",
+             "| pid | role | start MiB | end MiB | max MiB | growth MiB | slope MiB/h | after warm-up: MiB/h "
+             "| KiB/request | growth % |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rss"]:
         lines.append(f"| {r['pid']} | {r['role']} | {r['start_mib']} | {r['end_mib']} | {r['max_mib']} | "
-                     f"{r['growth_mib']:+} | {r['slope_mib_per_h']:+} |")
+                     f"{r['growth_mib']:+} | {r['slope_mib_per_h']:+} | {r['after_warmup_slope_mib_per_h']:+} | "
+                     f"{r['after_warmup_kib_per_request']} | {r['after_warmup_growth_pct']} |")
     lines += ["", "| minute | ok | p50 s | p99 s | errors |", "|---|---|---|---|---|"]
     for i in result["intervals"]:
         lines.append(f"| {i['minute_start']} | {i['ok']} | {i['p50_s']} | {i['p99_s']} | {i['errors']} |")
@@ -237,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-s", type=float, default=30.0)
     p.add_argument("--interval-s", type=float, default=60.0, help="latency/error report interval")
     p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--warmup-min", type=float, default=None,
+                   help="RSS slopes from this minute on (default: a fifth of the soak, at most 5)")
+    p.add_argument("--max-growth-pct", type=float, default=5.0,
+                   help="bound on every process's RSS growth after warm-up (exit status 1 beyond)")
+    p.add_argument("--max-kib-per-request", type=float, default=None,
+                   help="bound on every process's RSS slope after warm-up, KiB per request (a short soak's check)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ns = p.parse_args(argv)
 
@@ -250,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     args = {**args, "ingress": {"auth": "required", "api_keys_file": str(keys)}}
     model = args["models"][0]["name"]
     stack = LocalStack(args, num_cpus=ns.num_cpus)
+    warmup_min = ns.warmup_min if ns.warmup_min is not None else min(5.0, ns.minutes / 5)
+    watch = EngineWatch()
     t0 = time.monotonic()
     stack.start()
     print(f"stack up in {time.monotonic() - t0:.0f} s at {stack.url}", flush=True)
@@ -260,12 +301,17 @@ def main(argv: list[str] | None = None) -> int:
         run = asyncio.run(soak(stack, model, rate, ns.minutes, ns.sample_s, ns.max_tokens, ns.interval_s))
         run["key_scan"] = scan_logs_for(stack.logs_dir(), API_KEY)
     finally:
+        watch.see(stack.processes())
         stack.stop()
         keys.unlink(missing_ok=True)
+    orphans = watch.orphans(within_s=15)
     samples = run.pop("samples")
     first, last = samples[0][1], samples[-1][1]
     result = {"started": stamp, "config": str(ns.config), "minutes": ns.minutes, "load": ns.load,
-              "capacity_rps": capacity, "rate_rps": rate, **run, "rss": rss_report(samples),
+              "capacity_rps": capacity, "rate_rps": rate, **run, "warmup_min": warmup_min,
+              "rss": rss_report(samples, warmup_min * 60, rate),
+              "max_growth_pct": ns.max_growth_pct, "max_kib_per_request": ns.max_kib_per_request,
+              "orphans_after_stop": len(orphans),
               "total_start_mib": sum(b for _, b in first.values()) / MIB,
               "total_end_mib": sum(b for _, b in last.values()) / MIB,
               "processes_changed": len(set(first) ^ set(last)),
@@ -273,11 +319,13 @@ def main(argv: list[str] | None = None) -> int:
               "rss_samples": [{"t_s": round(t, 1),
                                "rss_mib": {pid: [r, round(b / MIB, 1)] for pid, (r, b) in s.items()}}
                               for t, s in samples]}
+    result["rss_violations"] = rss_violations(result["rss"], ns.max_growth_pct, ns.max_kib_per_request)
     (ns.out / f"soak-{stamp}.json").write_text(json.dumps(result, indent=1))
     (ns.out / f"soak-{stamp}.md").write_text(markdown(result))
     print(markdown(result))
     print(f"wrote {ns.out / f'soak-{stamp}.md'}")
-    return 0
+    errors = {k: v for k, v in result["outcomes"].items() if k not in ("ok", "refused_as_expected")}
+    return 1 if errors or result["hung_at_end"] or result["rss_violations"] or orphans else 0
 
 
 if __name__ == "__main__":

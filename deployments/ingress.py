@@ -149,6 +149,15 @@ def _replica_lost(e: BaseException) -> bool:
 
 
 def _has_lone_surrogate(body: Any) -> bool:
+    return _unsafe_value(body) == "surrogate"
+
+
+INT64 = 2**63
+
+
+def _unsafe_value(body: Any) -> str | None:
+    """"surrogate" for a lone UTF-16 surrogate anywhere in the body, "integer" for an integer beyond
+    64 bits: both parse as JSON, and vLLM answers either with a 500 (OverflowError, UnicodeEncodeError)."""
     stack = [body]
     while stack:  # iterative: a body nested to JSON's limit would overflow a recursive walk
         item = stack.pop()
@@ -156,13 +165,15 @@ def _has_lone_surrogate(body: Any) -> bool:
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:
-                return True
+                return "surrogate"
+        elif isinstance(item, int) and not -INT64 <= item < INT64:
+            return "integer"
         elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-    return False
+    return None
 
 
 
@@ -287,9 +298,12 @@ def _json_object(raw: bytes) -> dict[str, Any]:
                        f"{str(e)[:200]}", None, "invalid_json") from None
     if not isinstance(body, dict):
         raise _Refused(400, "The request body must be a JSON object", None, "invalid_json")
-    if _has_lone_surrogate(body):  # "\\ud800" parses, but no tokenizer (or UTF-8 encoder) accepts it
+    unsafe = _unsafe_value(body)
+    if unsafe == "surrogate":  # "\\ud800" parses, but no tokenizer (or UTF-8 encoder) accepts it
         raise _Refused(400, "The request body contains a lone UTF-16 surrogate (\\ud800-\\udfff) in a string",
                        None, "invalid_json")
+    if unsafe == "integer":
+        raise _Refused(400, "The request body contains an integer outside the 64-bit range", None, "invalid_json")
     return body
 
 

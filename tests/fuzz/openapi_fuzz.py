@@ -75,6 +75,9 @@ class FuzzReport:
     statuses: Counter = field(default_factory=Counter)
     by_operation: Counter = field(default_factory=Counter)
     findings: list[Finding] = field(default_factory=list)
+    keyless_sent: int = 0  # requests that went out without our key (on purpose, or a generated header replaced it)
+    keyless_refused: int = 0  # of those, answered 401
+    keyed_refused: int = 0  # requests that carried our key and still got 401 (must be 0)
 
     @property
     def server_errors(self) -> int:
@@ -196,6 +199,11 @@ def run(base_url: str, api_key: str, plan: dict[tuple[str, str], dict[str, int]]
             record(label, mode, 599, f"request failed: {type(e).__name__}: {e}", sent, "")
             return
         problem = _openai_error_problem(response)
+        keyed = response.request.headers.get("Authorization") == auth["Authorization"]
+        with lock:
+            report.keyless_sent += not keyed
+            report.keyless_refused += not keyed and response.status_code == 401
+            report.keyed_refused += keyed and response.status_code == 401
         if problem is None and headers:
             try:
                 case.validate_response(response, checks=checks, headers=headers)

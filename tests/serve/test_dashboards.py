@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import shutil
 import subprocess
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import httpx
 import openai
@@ -100,6 +100,10 @@ def _query(prom: str, expr: str) -> list:
     return body["data"]["result"]
 
 
+def _finite(result: list) -> bool:
+    return any(math.isfinite(float(series["value"][1])) for series in result)
+
+
 def _panels():
     for uid in DASHBOARDS:
         for panel in dashboard_json(uid)["panels"]:
@@ -115,6 +119,8 @@ def test_every_panel_query_returns_series(loaded_stack, uid, panel):
     deadline = time.monotonic() + 60  # Ray exports every few seconds; Prometheus scrapes every second
     for target in panel["targets"]:
         expr = _substitute(target["expr"])
-        while not (result := _query(loaded_stack, expr)) and time.monotonic() < deadline:
+        while not _finite(result := _query(loaded_stack, expr)) and time.monotonic() < deadline:
             time.sleep(2)
         assert result, f"{uid} / {panel['title']}: no series for {expr}"
+        # a panel of NaN (a quantile of nothing, a ratio of zeros) draws nothing: a series is not enough
+        assert _finite(result), f"{uid} / {panel['title']}: no finite value in {result[:3]} for {expr}"

@@ -218,9 +218,27 @@ def _series(text: str, name: str) -> dict[str, float]:
     return out
 
 
+def _make_every_refusal(guarded: str) -> None:
+    """One of each refusal the metrics test looks for, made with the test's own key (no test order)."""
+    httpx.get(f"{guarded}/v1/models")  # 401 missing_api_key
+    httpx.get(f"{guarded}/v1/models", headers={"Authorization": "Bearer sk-kvpilot-not-a-key-at-all-000"})  # 401
+    big = json.dumps({"model": MODEL, "prompt": "x" * (MAX_BODY + 10)}).encode()
+    httpx.post(f"{guarded}/v1/completions", content=big, headers=_auth("metrics"))  # 413
+    body = {"model": MODEL, "prompt": "Keep going", "max_tokens": 250, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=120, headers=_auth("metrics")) as http:
+        streams = [http.stream("POST", f"{guarded}/v1/completions", json=body) for _ in range(MAX_QUEUED)]
+        for st in streams:
+            st.__enter__()
+        http.post(f"{guarded}/v1/completions", json={**body, "stream": False, "max_tokens": 1})  # 503 overloaded
+        for st in streams:
+            st.__exit__(None, None, None)
+    for _ in range(3 * RPM):  # until the key's request rate runs out: 429
+        if _complete(guarded, "metrics", max_tokens=1).status_code == 429:
+            break
+
+
 def test_ingress_metrics_count_codes_and_refusals_without_keys(guarded):
-    for _ in range(2):
-        httpx.get(f"{guarded}/v1/models")  # 401
+    _make_every_refusal(guarded)
     requests_name, errors_name = M.exported_name(M.INGRESS_REQUESTS), M.exported_name(M.INGRESS_ERRORS)
     wanted = ("missing_api_key", "invalid_api_key", "rate_limit_exceeded", "request_too_large", "model_overloaded")
     deadline = time.monotonic() + 120  # Ray's metrics agent exports every few seconds, later on a loaded machine
@@ -431,8 +449,14 @@ def test_router_forgets_a_dead_replica_at_once():
 
 
 def test_no_key_reaches_any_log_line(apps):
-    """Scanned last: every request of this module has gone through Serve's proxy, access log and replicas."""
+    """Every key is sent, refused and accepted, then every log file is scanned (more if run last)."""
     import ray
+
+    guarded = f"{apps}/{GUARDED}"
+    for key in KEYS.values():
+        httpx.get(f"{guarded}/v1/models", headers={"Authorization": f"Bearer {key}x"})  # refused, logged as 401
+        httpx.get(f"{guarded}/v1/models", headers={"Authorization": f"Bearer {key}"})
+    time.sleep(2)  # Serve's access log and replica logs are written asynchronously
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     files = [p for p in logs.rglob("*") if p.is_file()]
@@ -467,3 +491,13 @@ def test_lone_surrogates_are_found_anywhere_in_a_body():
     assert _has_lone_surrogate(json.loads('{"messages": [{"content": "ok \\ud800"}]}'))
     assert _has_lone_surrogate(json.loads('{"\\udfff": 1}'))
     assert not _has_lone_surrogate({"prompt": "é 😀 \u0000", "stop": ["x"], "n": 1})
+
+
+def test_integers_beyond_64_bits_are_refused_before_vllm():
+    """vLLM 0.32 answers {"stream_interval": 2**73} with an empty 500 (a fuzz find); the ingress refuses it."""
+    from deployments.ingress import _Refused, _json_object
+
+    with pytest.raises(_Refused) as e:
+        _json_object(b'{"model": "tiny", "messages": [], "stream_interval": 12598761270790066358190}')
+    assert e.value.status == 400 and "64-bit" in e.value.message
+    assert _json_object(b'{"seed": 9223372036854775807}') == {"seed": 2**63 - 1}
