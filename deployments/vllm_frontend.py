@@ -66,7 +66,8 @@ def frontend_args(model: ModelConfig) -> argparse.Namespace:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     o = model.openai
-    argv = ["--model", model.source, "--served-model-name", model.name]
+    # usage.prompt_tokens_details.cached_tokens: the prompt tokens served from the prefix cache
+    argv = ["--model", model.source, "--served-model-name", model.name, "--enable-prompt-tokens-details"]
     if o.chat_template is not None:
         argv += ["--chat-template", o.chat_template]
     if o.tool_call_parser is not None:
