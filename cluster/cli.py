@@ -36,6 +36,8 @@ def render_plan(plan: Plan, console: Console) -> None:
     t.add_row("weights", _gib(g.weights_bytes))
     t.add_row("activation peak (est.)", _gib(g.activation_bytes))
     t.add_row("runtime overhead (est.)", _gib(g.overhead_bytes))
+    if g.lora_bytes:
+        t.add_row("LoRA slots", _gib(g.lora_bytes))
     t.add_row("KV cache", _gib(g.kv_cache_bytes))
     t.add_row("KV bytes per token", f"{plan.kv_bytes_per_token:,} ({plan.kv_cache_dtype})")
     t.add_row("KV blocks", f"{plan.num_blocks:,} × {plan.block_size} tokens")

@@ -53,6 +53,7 @@ class PerGpu:
     activation_bytes: int
     overhead_bytes: int
     budget_bytes: int
+    lora_bytes: int = 0  # vLLM's LoRA slots (max_loras × max_lora_rank × the wrapped layers' widths)
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,7 @@ def plan_model(cfg: ModelConfig, accelerator: str | None = None) -> Plan:
             f"KV cache: {spec.layer_types.count('sliding')} sliding-window layers hold at most "
             f"{spec.sliding_window} + {batched} tokens per request (vLLM's hybrid KV cache manager)"
         )
+    lora = _lora_buffers(cfg, spec, dtype, tp, pp, per_token, accel.is_gpu, assumptions)
     if accel.is_gpu:
         assert accel.memory_bytes is not None
         block = GPU_BLOCK_SIZE
@@ -255,7 +257,7 @@ def plan_model(cfg: ModelConfig, accelerator: str | None = None) -> Plan:
             + (", NCCL 0.25" if cfg.world_size > 1 else "")
             + (", CUDA graphs 0.50" if not eager else ", no CUDA graphs (enforce_eager)")
         )
-        kv_budget = budget - weights - act - overhead
+        kv_budget = budget - weights - act - overhead - lora
     else:
         block = CPU_BLOCK_SIZE
         kv_budget = int(cfg.cpu_kv_cache_space_gib * GIB)
@@ -280,7 +282,8 @@ def plan_model(cfg: ModelConfig, accelerator: str | None = None) -> Plan:
         pipeline_parallel_size=pp,
         max_model_len=mml,
         fits=fits,
-        per_gpu=PerGpu(weights, max(0, kv_budget // (block * per_token)) * block * per_token, act, overhead, budget),
+        per_gpu=PerGpu(weights, max(0, kv_budget // (block * per_token)) * block * per_token, act, overhead, budget,
+                       lora),
         kv_bytes_per_token=per_token,
         block_size=block,
         num_blocks=num_blocks,
@@ -293,6 +296,27 @@ def plan_model(cfg: ModelConfig, accelerator: str | None = None) -> Plan:
     if not fits:
         plan = replace(plan, suggestions=_suggestions(cfg, spec, accel))
     return plan
+
+
+def _lora_buffers(cfg: ModelConfig, spec: ModelSpec, dtype: str, tp: int, pp: int, per_token: int, on_gpu: bool,
+                  assumptions: list[str]) -> int:
+    """Bytes per GPU of vLLM's LoRA slots (0 without ``lora:``); says what they cost in KV tokens."""
+    if cfg.lora is None:
+        return 0
+    from cluster.lora import DENSE_TARGETS, adapter_bytes, buffer_bytes_per_gpu
+
+    lo = cfg.lora
+    nbytes = _DTYPE_BYTES.get(dtype, 2)
+    gpu = buffer_bytes_per_gpu(spec, lo.max_loras, lo.max_lora_rank, tp, nbytes, pp)
+    cache = lo.effective_max_cpu_loras * adapter_bytes(spec, lo.max_lora_rank, DENSE_TARGETS, nbytes)
+    where = "per GPU" if on_gpu else "in host memory (the CPU KV cache is fixed)"
+    cost = f", {gpu // per_token:,} KV tokens" if on_gpu else ""
+    assumptions.append(
+        f"LoRA: {lo.max_loras} slots × rank {lo.max_lora_rank} on every q/k/v/o/gate/up/down layer = "
+        f"{gpu / 2**20:.1f} MiB {where}{cost}; host cache of {lo.effective_max_cpu_loras} adapters up to "
+        f"{cache / 2**20:.1f} MiB"
+    )
+    return gpu if on_gpu else 0
 
 
 def _suggestions(cfg: ModelConfig, spec: ModelSpec, accel: Accelerator) -> list[str]:

@@ -155,3 +155,26 @@ def test_admin_keys_are_accepted_keys_and_only_they_are_admin():
     assert u is not None and a is not None and len(store) == 2
     assert store.is_admin(a) and not store.is_admin(u) and not store.is_admin(None) and not store.is_admin("zz")
     assert not load_keys(None, {API_KEYS_ENV: user}).is_admin(u)  # no admin keys configured: nobody is
+
+
+def test_planner_counts_lora_slots_per_gpu_and_their_kv_tokens(base, adapters):
+    from cluster.config import ModelConfig
+    from cluster.planner import plan_model
+
+    def plan(tp: int, lora: dict | None):
+        return plan_model(ModelConfig.model_validate({**_model(base, lora), "accelerator": "L4",
+                                                      "tensor_parallel_size": tp, "dtype": "float16"}))
+
+    lora = {"adapters": {"sql": str(adapters / "sql")}, "max_loras": 4, "max_lora_rank": 16, "max_cpu_loras": 8}
+    # Per layer, A's input + B's output of q, k, v, gate, up (column-parallel) and o, down (row-parallel):
+    # TP 1: (256+256) + 2 × (256+128) + 2 × (256+512) + (256+256) + (512+256) = 4096
+    # TP 2: B split on the column-parallel, A on the row-parallel: 2944
+    for tp, per_layer in ((1, 4096), (2, 2944)):
+        with_lora, without = plan(tp, lora), plan(tp, None)
+        assert with_lora.per_gpu.lora_bytes == 4 * 16 * per_layer * 2 * 2  # slots × rank × widths × layers × fp16
+        assert without.per_gpu.lora_bytes == 0
+        lost = without.kv_cache_tokens - with_lora.kv_cache_tokens
+        assert abs(lost - with_lora.per_gpu.lora_bytes / with_lora.kv_bytes_per_token) <= with_lora.block_size
+        line = next(a for a in with_lora.assumptions if a.startswith("LoRA:"))
+        assert f"{with_lora.per_gpu.lora_bytes // with_lora.kv_bytes_per_token:,} KV tokens" in line
+        assert "host cache of 8 adapters" in line

@@ -71,10 +71,13 @@ def test_shipped_70b_config_fits_with_kv_left(capsys):
     assert main(["plan", str(ROOT / "configs/llama70b-awq.yaml"), "--json"]) == 0
     (m,) = json.loads(capsys.readouterr().out)["models"]
     assert m["fits"] and m["tensor_parallel_size"] == 2 and m["gpu"] == "A10G"
-    assert set(m["per_gpu"]) == {"weights_bytes", "kv_cache_bytes", "activation_bytes", "overhead_bytes", "budget_bytes"}
+    assert set(m["per_gpu"]) == {"weights_bytes", "kv_cache_bytes", "activation_bytes", "overhead_bytes", "budget_bytes",
+                                 "lora_bytes"}
+    assert m["per_gpu"]["lora_bytes"] == 0  # no lora: section
     assert m["kv_cache_tokens"] >= 4 * 4096 and m["max_concurrency"] >= 4
     pg = m["per_gpu"]
-    assert pg["weights_bytes"] + pg["kv_cache_bytes"] + pg["activation_bytes"] + pg["overhead_bytes"] <= pg["budget_bytes"]
+    assert pg["weights_bytes"] + pg["kv_cache_bytes"] + pg["activation_bytes"] + pg["overhead_bytes"] \
+        + pg["lora_bytes"] <= pg["budget_bytes"]
 
 
 def test_70b_awq_on_one_24gb_gpu_is_refused_with_the_fix(capsys):
