@@ -33,7 +33,7 @@ DRAIN_MARGIN_S = 30
 # handle's router on a third, by default; every streamed token then crosses threads twice.
 # kvpilot's code is async throughout (AsyncLLM, the ingress), so it runs on the replica's
 # main loop: on the 2-core CI machine this raised closed-loop throughput ~1.8x
-# (benchmarks/compare_servers.py, README "Overhead"). These are Ray's own switches (its
+# (benchmarks/compare_servers.py, docs/benchmarks.md). These are Ray's own switches (its
 # RAY_SERVE_THROUGHPUT_OPTIMIZED mode sets the same two).
 SERVE_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 

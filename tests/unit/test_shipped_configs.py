@@ -1,4 +1,4 @@
-"""The configs we ship plan as fitting on the GPUs they declare, and the README documents every field."""
+"""The configs we ship plan as fitting on the GPUs they declare, and docs/configuration.md documents every field."""
 
 from pathlib import Path
 
@@ -27,7 +27,7 @@ def test_gpu_configs_cover_awq_tp2_gptq_and_fp8_kv():
     assert any(m.quantization == "fp8" and m.kv_cache_dtype == "fp8" and m.accelerator == "H100-80GB" for m in models)
 
 
-def test_readme_documents_every_config_field():
-    readme = (ROOT / "README.md").read_text()
-    missing = [f for f in ModelConfig.model_fields if f"`{f}`" not in readme]
-    assert not missing, f"README's configuration table lacks {missing}"
+def test_configuration_reference_documents_every_config_field():
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [f for f in ModelConfig.model_fields if f"`{f}`" not in reference]
+    assert not missing, f"docs/configuration.md's table lacks {missing}"
