@@ -7,7 +7,9 @@
   with which the chart checks a Serve config given as a file (``--set-file serveConfig=...``);
 * ``properties.args`` of ``helm/kvpilot/values.schema.json``: the same schema, with which
   ``helm install`` itself checks ``args`` given inline in values;
-* ``helm/kvpilot/files/drain.json``: the numbers the chart derives drain times from.
+* ``helm/kvpilot/files/drain.json``: the numbers the chart derives drain times from;
+* ``helm/kvpilot/files/accelerators.yaml`` and the worker groups' ``accelerator`` enum of
+  ``values.schema.json``: the GPU types of ``cluster.hardware.CATALOG`` and Ray's name for each.
 
 ``--check`` writes nothing and exits 1 when a committed file differs (tests/helm run it too).
 
@@ -78,6 +80,26 @@ def drain_constants() -> dict[str, int]:
     return {"msPerToken": DRAIN_MS_PER_TOKEN, "marginSeconds": DRAIN_MARGIN_S, "podStopMarginSeconds": POD_STOP_MARGIN_S}
 
 
+ACCELERATORS_HEADER = """\
+# GPU types a worker group can run, keyed by kvpilot's accelerator name (the `accelerator`
+# of a model in a Serve config), with the name Ray gives the same GPU in its
+# `accelerator_type:<rayType>` node resource. kvpilot's placement bundles ask for a sliver of
+# that resource (cluster/placement.py, worker_bundles), so each worker group advertises it.
+# rayType "" means Ray has no accelerator_type for the GPU: nothing is advertised, and
+# kvpilot's bundles do not ask for one.
+# Generated from cluster/hardware.py (CATALOG, ray_type) by `python -m cluster.helmschema`.
+"""
+
+
+def _gpus() -> dict[str, str]:
+    return {name: a.ray_type or "" for name, a in CATALOG.items() if a.is_gpu}
+
+
+def accelerators_yaml() -> str:
+    return ACCELERATORS_HEADER + "".join(f"{name}: {{rayType: {json.dumps(ray) if not ray else ray}}}\n"
+                                         for name, ray in _gpus().items())
+
+
 def _dump(doc: Any) -> str:
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
@@ -91,7 +113,10 @@ def generated(chart: Path = CHART) -> dict[Path, str]:
         "description": "kvpilot's application args inline (instead of serveConfig); "
         "generated from cluster.config.ClusterConfig by `python -m cluster.helmschema`.",
     }
+    worker = values_schema["properties"]["workerGroups"]["items"]["properties"]
+    worker["accelerator"]["enum"] = list(_gpus())
     return {
+        chart / "files" / "accelerators.yaml": accelerators_yaml(),
         chart / "files" / "args.schema.json": _dump(schema),
         chart / "values.schema.json": _dump(values_schema),
         chart / "files" / "drain.json": _dump(drain_constants()),
