@@ -40,7 +40,7 @@ GRID: dict[str, list[dict[str, float]]] = {
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", default=str(ROOT.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"))
+    ap.add_argument("--trace", default=str(ROOT / "benchmarks" / "traces" / "AzureLLMInferenceTrace_conv.csv"))
     ap.add_argument("--time-scale", type=float, default=2.0)
     ap.add_argument("--only", help="comma-separated autoscalers (default: all)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"autoscale-{datetime.now():%H%M}"))

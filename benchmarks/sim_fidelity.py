@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_stack import ROOT, LocalStack, tiny_model  # noqa: E402
 
 MODEL = "tiny"
-TRACE = ROOT.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+TRACE = ROOT / "benchmarks" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 TOKEN_RANGE = (16, 480)  # ids valid in the tiny vocabulary, clear of special ids (as cluster.bench)
 
 

@@ -5,7 +5,7 @@ several workloads and replica bounds against the smallest fixed replica count th
         [--workloads mooncake,azure,shared_prefix,...] [--requests 1500] [--scales 0.5,1,1.5,2,2.5] [--jobs 2]
         [--json benchmarks/results/robustness-DATE.json]
 
-Workloads: the two traces in ../shared/traces/ (``mooncake``, ``azure``: their first --requests
+Workloads: the two traces in benchmarks/traces/ (``mooncake``, ``azure``: their first --requests
 requests, skipped with a message when the folder is absent) and the generators of
 ``cluster/sim/synthetic.py`` at the base rates in ``BASE_RATE`` (for 16 replicas of the
 simulator's 70B AWQ TP=2 H100 setup). Every policy runs with its defaults only.
@@ -37,7 +37,7 @@ from cluster.sim.synthetic import SYNTHETIC  # noqa: E402
 from cluster.sim.workload import load_trace  # noqa: E402
 
 TRACES = {"mooncake": "mooncake_conversation_trace.jsonl", "azure": "AzureLLMInferenceTrace_conv.csv"}
-TRACE_DIR = ROOT.parent / "shared" / "traces"
+TRACE_DIR = ROOT / "benchmarks" / "traces"
 # req/s at "1x" for the synthetic workloads: near where 16 replicas start to queue (read off this sweep).
 BASE_RATE = {"shared_prefix": 8.0, "multiscale_bursts": 10.0, "long_prompt_short_output": 3.0, "overload": 6.0}
 ROUTING_POLICIES = ("kvpilot", "sglang", "prefix_affinity", "llmd", "dynamo", "pow2", "round_robin", "least_kv")
@@ -85,7 +85,7 @@ def _available(names: list[str]) -> list[str]:
     out = []
     for n in names:
         if n in TRACES and not (TRACE_DIR / TRACES[n]).is_file():
-            print(f"skip {n}: {TRACE_DIR / TRACES[n]} is absent (../shared/traces is not in a fresh clone)",
+            print(f"skip {n}: {TRACE_DIR / TRACES[n]} is absent ",
                   file=sys.stderr)
             continue
         out.append(n)

@@ -1,6 +1,6 @@
 """Sweep ``--time-scale`` for routing policies on a trace: where does each saturate?
 
-    .venv/bin/python benchmarks/sim_sweep.py --trace ../shared/traces/mooncake_conversation_trace.jsonl \\
+    .venv/bin/python benchmarks/sim_sweep.py --trace benchmarks/traces/mooncake_conversation_trace.jsonl \\
         --scales 1,1.25,1.5,1.75,2 --policies pow2,dynamo,prefix_affinity --jobs 2
 
 Prints goodput (req/s), SLO attainment and TTFT p90 per (scale, policy), and

@@ -1,6 +1,6 @@
 """Step time of one vLLM replica, fitted to the Splitwise simulator's profile table.
 
-The table (``../shared/traces/splitwise_sim_perf_model.csv``, Mutinifni/splitwise-sim)
+The table (``benchmarks/traces/splitwise_sim_perf_model.csv``, Mutinifni/splitwise-sim)
 profiles Llama-2-70B in fp16 on A100-80GB and H100-80GB at TP 2, 4 and 8:
 ``prompt_time`` (ms) is one prefill of ``batch_size`` prompts of ``prompt_size``
 tokens; ``token_time`` (ms) is one decode step of ``batch_size`` sequences whose
@@ -56,7 +56,7 @@ from cluster.config import ModelConfig
 from cluster.modelspec import BUILTIN
 from cluster.planner import kv_bytes_per_token, weight_bytes_per_gpu
 
-DEFAULT_TABLE = Path(__file__).resolve().parents[2].parent / "shared" / "traces" / "splitwise_sim_perf_model.csv"
+DEFAULT_TABLE = Path(__file__).resolve().parents[2] / "benchmarks" / "traces" / "splitwise_sim_perf_model.csv"
 TABLE_MODEL = "llama2-70b"
 TABLE_SOURCE = "meta-llama/Llama-2-70b-hf"  # the architecture profiled, from the built-in table
 # HBM bandwidth (bytes/s) of the profiled GPUs: H100 SXM5 80 GB 3.35 TB/s, A100 SXM4 80 GB 2.039 TB/s (NVIDIA datasheets).

@@ -20,7 +20,7 @@ from cluster.bench.metrics import SLO, RequestRecord, distribution, summarize, t
 from cluster.bench.runner import BenchConfig, run_benchmark
 from cluster.bench.workload import PromptSynth, build_workload, clip, detect_kind
 
-TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces"
+TRACES = Path(__file__).resolve().parents[2] / "benchmarks" / "traces"
 
 
 def _record(i: int, start: float, ttft: float, gaps: list[float], out: int | None = None, ok: bool = True,

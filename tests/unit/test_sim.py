@@ -15,12 +15,12 @@ from cluster.sim.perfmodel import FitError, StepModel, fit_table, step_model_for
 from cluster.sim.simulator import make_setup, simulate
 from cluster.sim.workload import load_trace
 
-TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces"
+TRACES = Path(__file__).resolve().parents[2] / "benchmarks" / "traces"
 MOONCAKE = TRACES / "mooncake_conversation_trace.jsonl"
 AZURE = TRACES / "AzureLLMInferenceTrace_conv.csv"
 SHAREGPT = TRACES / "sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
 ARXIV = TRACES / "arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv"
-needs_traces = pytest.mark.skipif(not MOONCAKE.exists(), reason="../shared/traces not present")
+needs_traces = pytest.mark.skipif(not MOONCAKE.exists(), reason="benchmarks/traces not present")
 
 _FIT = FitError(0, 0.0, 0.0, 1.0, 0.0, 0.0)
 

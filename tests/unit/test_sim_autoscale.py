@@ -14,7 +14,7 @@ from cluster.sim.cli import add_simulate_parser, run_simulate
 from cluster.sim.simulator import make_setup
 from cluster.sim.workload import TraceRequest, Workload
 
-AZURE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+AZURE = Path(__file__).resolve().parents[2] / "benchmarks" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 SETUP = make_setup(8)
 
 
@@ -122,7 +122,7 @@ def _parse(*args):
     return parser.parse_args(["simulate", *args])
 
 
-@pytest.mark.skipif(not AZURE.exists(), reason="../shared/traces not present")
+@pytest.mark.skipif(not AZURE.exists(), reason="benchmarks/traces not present")
 def test_autoscale_json_schema(capsys):
     ns = _parse("--autoscale", "--trace", str(AZURE), "--max-requests", "200", "--time-scale", "2",
                 "--startup-s", "30", "--json")
