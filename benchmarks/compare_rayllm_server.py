@@ -15,7 +15,8 @@ Everything stays on loopback: HAProxy's HTTP frontend and the replicas' ports fo
 are written as ``bind :PORT`` / ``bind *:PORT`` with no setting for the address
 (``haproxy_templates.py``), so ``RAY_SERVE_HAPROXY_BINARY_PATH`` points at a two-line
 wrapper that rewrites those two bind lines to 127.0.0.1 and then execs the bundled binary.
-The request path is untouched. HAProxy's files go to a private directory (``--scratch``).
+The request path is untouched. HAProxy's files go to a private directory (``--scratch``; keep
+it short: Ray adds a 56-character folder and HAProxy refuses an admin socket path over 97).
 
     /tmp/bench-venv/bin/python benchmarks/compare_rayllm_server.py --model-dir .fixtures/tiny-none \
         --port 8002 --dtype bfloat16 --max-model-len 2048 --max-num-seqs 64 --kv-cache-bytes 1073741824
@@ -78,7 +79,7 @@ def main() -> None:
     p.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
     p.add_argument("--num-cpus", type=int, default=8)
     p.add_argument("--fast", action="store_true", help="HAProxy + direct streaming (see the module doc)")
-    p.add_argument("--scratch", default=None, help="HAProxy's config, socket and wrapper (--fast)")
+    p.add_argument("--scratch", default=None, help="HAProxy's config, socket and wrapper (--fast; a short path)")
     ns = p.parse_args()
     if ns.fast:
         env = fast_env(Path(ns.scratch or f"/tmp/rayllm-fast-{os.getpid()}"))

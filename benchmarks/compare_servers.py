@@ -350,8 +350,9 @@ def make_servers(names: list[str], engine: Engine, bench_py: Path, run_dir: Path
                    "--model-dir", str(engine.model_dir), "--model-id", MODEL_ID, "--port", str(port),
                    "--dtype", engine.dtype, "--max-model-len", str(engine.max_model_len),
                    "--max-num-seqs", str(engine.max_num_seqs), "--kv-cache-bytes", str(engine.kv_cache_bytes)]
-            if name == "rayllm-fast":
-                cmd += ["--fast", "--scratch", str(run_dir / "rayllm-fast-haproxy")]
+            if name == "rayllm-fast":  # HAProxy's files in a short /tmp path: Ray adds a 56-character folder
+                # and HAProxy refuses an admin socket path over 97 characters
+                cmd += ["--fast", "--scratch", f"/tmp/rayllm-fast-{port}"]
             servers.append(Server(name, cmd, port, log))
         else:
             raise ValueError(f"unknown server {name!r}; choose from {', '.join(LABELS)}")
