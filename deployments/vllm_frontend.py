@@ -13,7 +13,8 @@ What ``VllmHttpApp.call`` yields, in order:
    bytes (for a stream, the first event, which vLLM sends once the engine has the
    first token);
 2. ``bytes``: every body chunk that was ready when the previous item went out,
-   joined: a busy replica sends one Ray object per drain, not per token;
+   joined: a busy replica sends one Ray object per drain, not per token, and while
+   ``COALESCE_MIN_STREAMS`` or more responses stream it lets ``COALESCE_S`` of chunks gather;
 3. ``{"usage": {...}}`` last: prompt, completion and cached tokens the engine
    counted for this call (the ingress refunds the rate budget with it).
 """
@@ -23,12 +24,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
+import os
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cluster.config import ConfigError, ModelConfig
+
+# With this many responses streaming from a replica, each waits this long before sending what
+# has gathered (the first bytes always go at once); KVPILOT_STREAM_COALESCE_MS=0 turns it off.
+COALESCE_MIN_STREAMS = 4
+COALESCE_S = float(os.environ.get("KVPILOT_STREAM_COALESCE_MS", "20")) / 1000.0
 
 # The engine requests of the HTTP call being served (set in the call's ASGI task).
 _CALL_USAGE: contextvars.ContextVar[Usage | None] = contextvars.ContextVar("kvpilot_call_usage", default=None)
@@ -126,6 +133,7 @@ class VllmHttpApp:
     def __init__(self, app: Any, engine: Any):
         self._app = app
         self._engine = engine
+        self._streaming = 0  # responses of this replica being streamed now
 
     @classmethod
     async def build(cls, model: ModelConfig, engine: Any) -> VllmHttpApp:
@@ -168,6 +176,7 @@ class VllmHttpApp:
         ctx = contextvars.copy_context()
         ctx.run(_CALL_USAGE.set, usage)
         task = asyncio.get_running_loop().create_task(self._app(scope, receive, send), context=ctx)
+        streamed = False
         try:
             status, head, chunks, more = 500, [], [], True
             while more:
@@ -187,7 +196,13 @@ class VllmHttpApp:
                     break
             self._exit_if_engine_dead()  # before anything reaches the client: the ingress resubmits
             yield {"status": status, "headers": head, "body": b"".join(chunks), "more": more}
+            streamed = more
+            self._streaming += streamed
             while more:
+                if self._streaming >= COALESCE_MIN_STREAMS:
+                    # A busy replica lets a few engine steps' chunks gather: each item costs every
+                    # hop after the engine (Ray object, ingress, proxy) the same, whatever it holds.
+                    await asyncio.sleep(COALESCE_S)
                 message = await self._next(messages, task)
                 if message is None:
                     break
@@ -201,6 +216,8 @@ class VllmHttpApp:
             await task
             yield {"usage": usage.as_dict()}
         finally:
+            if streamed:
+                self._streaming -= 1
             gone.set()  # the client left (the stream was cancelled) or the call is over
             if not task.done():
                 task.cancel()  # vLLM's generator aborts the engine request on cancellation
@@ -240,7 +257,6 @@ class VllmHttpApp:
             # die at once: the ingress resubmits requests that had no token yet elsewhere, and
             # Serve starts a replacement.
             import logging
-            import os
 
             logging.getLogger("kvpilot.engine").error("the vLLM engine died; ending this replica so Serve replaces it")
             os._exit(1)
