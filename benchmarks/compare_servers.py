@@ -74,9 +74,7 @@ STOP_GRACE_S = 60.0  # serve run takes tens of seconds to shut Serve, the engine
 LABELS = {
     "vllm": "bare vLLM 0.32",
     "kvpilot": "kvpilot (vLLM 0.32)",
-    "kvpilot-coalesce": "kvpilot + replica coalescing (candidate fix)",
-    "kvpilot-samethread": "kvpilot + RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0",
-    "kvpilot-tuned": "kvpilot + coalescing + Serve user code and router on the replica's loop",
+    "kvpilot-nocoalesce": "kvpilot without replica coalescing (KVPILOT_STREAM_COALESCE_MS=0)",
     "rayllm": "Ray Serve LLM (vLLM 0.29)",
     "rayllm-fast": "Ray Serve LLM, HAProxy + direct streaming (vLLM 0.29)",
     "vllm029": "bare vLLM 0.29",
@@ -325,17 +323,12 @@ def make_servers(names: list[str], engine: Engine, bench_py: Path, run_dir: Path
                    "--port", str(port), *engine.vllm_args()]
             servers.append(Server(name, cmd, port, log))
         elif name.startswith("kvpilot"):
-            same_thread = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
-            # Serve imports the app in a Ray task: the variant's module must be on the workers' path,
-            # and kv_tree's packages ahead of the editable install's (its finder comes after PYTHONPATH).
+            # Serve imports the app in a Ray task: kv_tree's packages must come ahead of the editable
+            # install's (its finder comes after PYTHONPATH).
             tree_path = {"PYTHONPATH": os.pathsep.join(filter(None, [str(kv_tree), os.environ.get("PYTHONPATH")]))}
-            on_path = {"PYTHONPATH": os.pathsep.join(filter(None, [str(kv_tree / "benchmarks"), str(kv_tree),
-                                                                   os.environ.get("PYTHONPATH")]))}
             variant = {"kvpilot": ("deployments.app:build_app", tree_path),
-                       "kvpilot-coalesce": ("compare_kvpilot_variant:build_app", on_path),
-                       "kvpilot-samethread": ("deployments.app:build_app", {**tree_path, **same_thread}),
-                       "kvpilot-tuned": ("compare_kvpilot_variant:build_app",
-                                         {**on_path, **same_thread, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"})}
+                       "kvpilot-nocoalesce": ("deployments.app:build_app",
+                                              {**tree_path, "KVPILOT_STREAM_COALESCE_MS": "0"})}
             if name not in variant:
                 raise ValueError(f"unknown server {name!r}; choose from {', '.join(LABELS)}")
             import_path, env = variant[name]
