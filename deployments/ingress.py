@@ -288,6 +288,7 @@ def _openapi_document(app: FastAPI, model_names: list[str], auth: bool) -> dict[
 
 
 _GENERATING = ("/v1/chat/completions", "/v1/completions")
+_NO_OUTPUT = ("/tokenize", "/detokenize", "/v1/embeddings", "/v1/messages/count_tokens")
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
@@ -695,7 +696,9 @@ class Ingress:
         if asked is None and limits.max_tokens is not None and path in _GENERATING and ids is not None:
             asked = min(room, limits.max_tokens)
             raw = json.dumps({**body, param: asked}).encode()
-        if asked is None:
+        if path in _NO_OUTPUT:  # the engine generates nothing for these: nothing to charge or route by
+            asked = 0
+        elif asked is None:
             asked = COMPLETIONS_DEFAULT_MAX_TOKENS if path == "/v1/completions" else max(room, 0)
         return ids or [], max(asked, 0), raw
 
