@@ -104,8 +104,30 @@ def check_openai_config(model: ModelConfig, where: str) -> None:
                           f"choose one of {', '.join(known)}")
     if o.chat_template is not None and not Path(o.chat_template).is_file() and "{" not in o.chat_template:
         errors.append(f"{where}.openai.chat_template: {o.chat_template!r} is neither a file nor a Jinja template")
+    if not errors and (o.tool_call_parser or o.reasoning_parser):
+        errors += _parser_fits_tokenizer(model, where)
     if errors:
         raise ConfigError(errors)
+
+
+def _parser_fits_tokenizer(model: ModelConfig, where: str) -> list[str]:
+    """vLLM checks a parser against the model's tokenizer (special tokens it needs) only when the
+    replica starts, after the engine has loaded; check it here, before anything starts."""
+    from vllm.parser.parser_manager import ParserManager
+    from vllm.tokenizers.registry import get_tokenizer
+
+    from cluster.hub import resolve_source
+
+    o = model.openai
+    tokenizer = get_tokenizer(resolve_source(model.source, model.revision))
+    try:
+        ParserManager.get_parser(tool_parser_name=o.tool_call_parser, reasoning_parser_name=o.reasoning_parser,
+                                 enable_auto_tools=o.tool_call_parser is not None, model_name=model.name,
+                                 tokenizer=tokenizer)
+    except TypeError as e:
+        field = "tool_call_parser" if o.tool_call_parser else "reasoning_parser"
+        return [f"{where}.openai.{field}: {getattr(o, field)!r} does not fit this model's tokenizer: {e}"]
+    return []
 
 
 def register_adapters(models: Any, model: ModelConfig) -> None:

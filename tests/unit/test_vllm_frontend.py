@@ -43,3 +43,20 @@ def test_a_busy_replica_sends_fewer_larger_items():
     assert b"".join(i for i in busy[1:-1]) == b"".join(CHUNKS[1:])
     assert busy[0]["body"] == CHUNKS[0]  # the first bytes never wait
     assert len(busy) < len(idle) - 3, (len(busy), len(idle))
+
+
+def test_parsers_are_checked_against_vllm_and_the_tokenizer_before_anything_starts():
+    import pytest
+
+    from cluster.config import ConfigError, ModelConfig
+    from deployments.vllm_frontend import check_openai_config
+    from tests.serve.conftest import ROOT
+
+    base = dict(name="t", source=str(ROOT / ".fixtures/tiny-none"), accelerator="cpu", dtype="float16",
+                max_model_len=256)
+    check_openai_config(ModelConfig(**base, openai={"tool_call_parser": "pythonic"}), "models[0]")
+    with pytest.raises(ConfigError, match=r"models\[0\]\.openai\.tool_call_parser: 'no-such' is not a vLLM"):
+        check_openai_config(ModelConfig(**base, openai={"tool_call_parser": "no-such"}), "models[0]")
+    # llama3_json needs <|python_tag|>, which the tiny tokenizer lacks: vLLM would fail the replica after loading
+    with pytest.raises(ConfigError, match=r"tool_call_parser: 'llama3_json' does not fit this model's tokenizer"):
+        check_openai_config(ModelConfig(**base, openai={"tool_call_parser": "llama3_json"}), "models[0]")
