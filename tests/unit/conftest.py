@@ -4,4 +4,15 @@ in a subprocess with HF_ENDPOINT pointed at it (tests/hub_server.py)."""
 
 import os
 
+import pytest
+
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _hub_offline(monkeypatch):
+    """Also when huggingface_hub was imported before this folder's tests (a whole `make test`
+    run imports it in earlier folders): it reads HF_HUB_OFFLINE once, into its constants."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
