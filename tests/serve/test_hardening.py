@@ -352,12 +352,12 @@ def test_killing_a_replica_mid_stream_hangs_nothing_and_it_is_replaced(faulty):
     # is resubmitted. (Judged by what each stream received, not by when the client read it.)
     assert counts["hung"] == 0 and counts["failed_unclean"] == 0 and counts["failed_before_streaming"] == 0
     assert counts["completed"] >= n // 2
-    # The kill hit something in flight: streams that were sending failed cleanly, and requests the
-    # victim had not started (waiting in its engine: 16 per replica, 8 slots) went to the survivor.
+    # The kill hit something in flight: streams that were sending failed cleanly. Requests the victim
+    # had not started yet are resubmitted (counted, printed); whether it held any when it died depends
+    # on how the router spread the burst (seen: 0 to 5 in recorded runs), so it is not asserted.
     assert counts["failed_mid_stream"] >= 1, counts
     resubmitted = _ingress_stats(faulty)["resubmitted"] - resubmitted_before
     print(f"resubmitted after the kill: {resubmitted}")
-    assert resubmitted >= 1
 
     recovered = _wait(lambda: _running(FAULTY) == 2 and len(set(_replicas(FAULTY)) - set(before)) == 1, 300)
     assert recovered is not None, "no replacement replica within 300 s"
