@@ -1,4 +1,4 @@
-"""Unit tests never reach the network: hub ids resolve offline (the cache, else kvpilot's
+"""Tests never reach the network: hub ids resolve offline (the cache, else kvpilot's
 shipped config.json copies). Tests of hub resolution run their own loopback hub server
 in a subprocess with HF_ENDPOINT pointed at it (tests/hub_server.py)."""
 
@@ -11,8 +11,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 @pytest.fixture(autouse=True)
 def _hub_offline(monkeypatch):
-    """Also when huggingface_hub was imported before this folder's tests (a whole `make test`
-    run imports it in earlier folders): it reads HF_HUB_OFFLINE once, into its constants."""
+    """Also when huggingface_hub's constants were imported before this file set the variable
+    (it reads HF_HUB_OFFLINE once, at import)."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
