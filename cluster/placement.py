@@ -76,7 +76,8 @@ def cpu_threads_bind(cfg: ModelConfig) -> str:
     return "|".join(str(i) for i in range(cfg.world_size))
 
 
-# Requests a replica takes at once per engine slot: the ingress's default queue bound per slot.
+# Requests per engine slot: what a replica takes at once, and the ingress's default in-flight
+# bound per slot (limits.max_queued_requests): a few batches' worth may wait in the engine.
 ONGOING_PER_SLOT = 4
 ROUTER_CLASS = "deployments.router:KVPilotRouter"
 AUTOSCALER_CLASS = "deployments.autoscaling:KVPilotAutoscaler"

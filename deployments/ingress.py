@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster import metrics as M
 from cluster.config import IngressConfig, ModelConfig
 from cluster.hub import resolve_source
-from cluster.placement import SERVE_LOOP_ENV
+from cluster.placement import ONGOING_PER_SLOT, SERVE_LOOP_ENV
 from cluster.security import ANONYMOUS, KeyStore, RateLimiter, bearer_token, load_keys
 from deployments.protocol import FORWARDED_HEADERS, FORWARDED_ROUTES, LORA_ADMIN_ROUTES, HttpCall
 from deployments.telemetry import Recorder
@@ -43,7 +43,6 @@ from deployments.telemetry import Recorder
 logger = logging.getLogger("kvpilot.ingress")
 
 HEALTH_PROBE_TIMEOUT_S = 2.0  # a replica that cannot answer a no-op this fast is not serving
-QUEUE_PER_SEQ = 4  # default max_queued_requests per engine slot: a few batches' worth may wait
 RETRY_BACKOFF_S = 0.2  # before resubmitting: Serve's router has dropped the dead replica by then
 OVERLOADED_RETRY_AFTER_S = 1  # an overloaded model frees slots as fast as it finishes requests
 ECHO_CHARS = 120  # longest piece of a client's input quoted back in an error message
@@ -336,7 +335,7 @@ class Ingress:
         self._limits = {m.name: m.limits for m in models}
         self._max_num_seqs = {m.name: m.max_num_seqs for m in models}
         self._queue_bound = {
-            m.name: m.limits.max_queued_requests or QUEUE_PER_SEQ * m.max_num_seqs * max(1, m.max_replicas)
+            m.name: m.limits.max_queued_requests or ONGOING_PER_SLOT * m.max_num_seqs * max(1, m.max_replicas)
             for m in models
         }
         self._in_flight = {m.name: 0 for m in models}
