@@ -11,51 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.config import ClusterConfig, ConfigError, ModelConfig
-from cluster.hardware import CATALOG, GIB, QUANTIZATIONS
+from cluster.hardware import CATALOG, QUANTIZATIONS
 from cluster.modelspec import load_spec
-from cluster.planner import Plan, parameter_count, plan_model, size_table
+from cluster.plan_report import gib, render_plan
+from cluster.planner import parameter_count, plan_model, size_table
 
 EXIT_OK, EXIT_INVALID, EXIT_DOES_NOT_FIT = 0, 2, 3
-
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
-
-
-def render_plan(plan: Plan, console: Console) -> None:
-    verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
-    title = (
-        f"{plan.name} ({plan.source}) on {plan.gpu}, {plan.quantization}, TP={plan.tensor_parallel_size}"
-        + (f" PP={plan.pipeline_parallel_size}" if plan.pipeline_parallel_size > 1 else "")
-        + f": {verdict}"
-    )
-    t = Table(title=title, show_header=False, title_justify="left")
-    g = plan.per_gpu
-    unit = "per GPU" if plan.gpu != "cpu" else "per CPU worker"
-    t.add_row(f"budget ({unit})", _gib(g.budget_bytes))
-    t.add_row("weights", _gib(g.weights_bytes))
-    t.add_row("activation peak (est.)", _gib(g.activation_bytes))
-    t.add_row("runtime overhead (est.)", _gib(g.overhead_bytes))
-    if g.lora_bytes:
-        t.add_row("LoRA slots", _gib(g.lora_bytes))
-    t.add_row("KV cache", _gib(g.kv_cache_bytes))
-    t.add_row("KV bytes per token", f"{plan.kv_bytes_per_token:,} ({plan.kv_cache_dtype})")
-    t.add_row("KV blocks", f"{plan.num_blocks:,} × {plan.block_size} tokens")
-    t.add_row("KV cache tokens", f"{plan.kv_cache_tokens:,}")
-    t.add_row(f"max concurrency at {plan.max_model_len:,} tokens", f"{plan.max_concurrency:.2f}x")
-    console.print(t)
-    for a in plan.assumptions:
-        console.print(f"  assumes: {a}", highlight=False)
-    for n in plan.notes:
-        console.print(f"  [yellow]warning:[/yellow] {n}", highlight=False)
-    if not plan.fits:
-        console.print(
-            f"  [red]short by {plan.shortfall_bytes / GIB:.2f} GiB per GPU[/red] to hold weights and one "
-            f"{plan.max_model_len:,}-token request",
-            highlight=False,
-        )
-        for s in plan.suggestions:
-            console.print(f"  try: {s}", highlight=False)
 
 
 def _cmd_plan(ns: argparse.Namespace, console: Console) -> int:
@@ -110,7 +71,7 @@ def _cmd_sizes(ns: argparse.Namespace, console: Console) -> int:
     t.add_column("weights", justify="right")
     t.add_column("bytes / parameter", justify="right")
     for label, nbytes in size_table(spec):
-        t.add_row(label, _gib(nbytes), f"{nbytes / params:.4f}")
+        t.add_row(label, gib(nbytes), f"{nbytes / params:.4f}")
     console.print(t)
     console.print("  embeddings and lm_head stay 16-bit in the quantized rows; vocabulary padded to 64", highlight=False)
     return EXIT_OK

@@ -13,9 +13,9 @@ from ray import serve
 from ray.serve import Application
 from rich.console import Console
 
-from cluster.cli import render_plan
 from cluster.config import ClusterConfig, ConfigError
 from cluster.placement import deployment_options
+from cluster.plan_report import render_plan
 from cluster.planner import plan_model
 from deployments.engine import ModelServer
 from deployments.ingress import Ingress
