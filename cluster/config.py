@@ -24,7 +24,6 @@ back into it.
 from __future__ import annotations
 
 import difflib
-import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cluster.hardware import CATALOG, GIB, QUANTIZATIONS, get_accelerator, quantization_support
 from cluster.modelspec import ModelSpec, load_spec
 from cluster.routing import DEFAULT_POLICY, POLICIES, make_policy
+from cluster.vllm_args import engine_arg_names
 
 APP_IMPORT_PATH = "deployments.app:build_app"
 
@@ -473,7 +473,7 @@ class ModelConfig(_Strict):
         shadowed = sorted(set(v) & _FIRST_CLASS_ENGINE_FIELDS)
         if shadowed:
             raise ValueError(f"{shadowed[0]!r} is a field of its own: set it there, not in engine_kwargs")
-        known = _engine_arg_names()
+        known = engine_arg_names()
         if known is not None:
             for key in v:
                 if key not in known:
@@ -693,17 +693,6 @@ _FIRST_CLASS_ENGINE_FIELDS = frozenset(
         "max_cpu_loras",
     }
 )
-
-
-def _engine_arg_names() -> list[str] | None:
-    """EngineArgs field names when vLLM is installed; None (no check) where it is not."""
-    if importlib.util.find_spec("vllm") is None:
-        return None
-    import dataclasses
-
-    from vllm.engine.arg_utils import EngineArgs
-
-    return [f.name for f in dataclasses.fields(EngineArgs)]
 
 
 class ClusterConfig(_Strict):
