@@ -19,18 +19,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fault_stack import ROOT, EngineWatch, LocalStack, is_openai_error, tiny_model  # noqa: E402
+from fault_stack import (ROOT, EngineWatch, LocalStack, is_openai_error, start_stack, tiny_model,  # noqa: E402
+                         write_result)
 
 MODEL = "tiny"
 
@@ -110,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = tiny_model(MODEL, 1, max_num_seqs=ns.max_num_seqs, limits={"max_queued_requests": ns.max_queued})
     stack = LocalStack({"models": [model]}, num_cpus=ns.num_cpus)
-    started = time.monotonic()
-    stack.start()
-    print(f"stack up in {time.monotonic() - started:.0f} s at {stack.url}", flush=True)
+    start_stack(stack)
     watch, rounds = EngineWatch(), []
     n = int(ns.factor * ns.max_queued)
     try:
@@ -126,11 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.stop()
     left = watch.orphans(within_s=15)
     print(f"after the stop: engine processes seen {len(watch.seen)}, orphans {len(left)} {left}", flush=True)
-    ns.out.mkdir(parents=True, exist_ok=True)
-    path = ns.out / f"fault-burst-{datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(ns).items()}, "rounds": rounds,
-                                "orphans_after_stop": len(left), "load_average": os.getloadavg()}, indent=2))
-    print(f"wrote {path}")
+    write_result(ns.out, "fault-burst", ns, rounds=rounds, orphans_after_stop=len(left))
     return 1 if left or any(r["failed"] or r["hung"] for r in rounds) else 0
 
 

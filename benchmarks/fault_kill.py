@@ -38,14 +38,13 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_stack import (ROOT, EngineWatch, LocalStack, engines_under, is_openai_error,  # noqa: E402
-                         machine_orphans, tiny_model, wait_for)
+                         machine_orphans, start_stack, tiny_model, wait_for, write_result)
 
 MODEL = "tiny"
 
@@ -180,10 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--target {ns.target}: choose among actor, sigkill, engine")
 
     stack = LocalStack({"models": [tiny_model(MODEL, 2, max_num_seqs=ns.max_num_seqs)]}, num_cpus=ns.num_cpus)
-    started = time.monotonic()
     orphans_before = set(machine_orphans())  # other stacks' leftovers on this machine, not ours
-    stack.start()
-    print(f"stack up in {time.monotonic() - started:.0f} s at {stack.url}", flush=True)
+    start_stack(stack)
     rounds = []
     watch = EngineWatch()
     try:
@@ -204,11 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = {"stop": ns.stop, "engine_processes_seen": len(watch.seen), "orphans_after_stop": len(left),
             "orphans": left, "new_parent_1_engines_on_machine": len(set(machine_orphans()) - orphans_before)}
     print(f"after the {ns.stop} stop: {json.dumps(stop)}", flush=True)
-    ns.out.mkdir(parents=True, exist_ok=True)
-    path = ns.out / f"fault-kill-{'-'.join(targets)}-{datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(ns).items()}, "rounds": rounds,
-                                "after_stop": stop, "load_average": os.getloadavg()}, indent=2))
-    print(f"wrote {path}")
+    write_result(ns.out, f"fault-kill-{'-'.join(targets)}", ns, rounds=rounds, after_stop=stop)
     bad = [r for r in rounds if r["hung"] or r["failed_before_streaming"] or r["failed_unclean"]
            or r["orphaned_engine_processes"]]
     if ns.stop == "hard":

@@ -1,4 +1,4 @@
-"""A local kvpilot stack for the hardening scripts (fault_kill, soak, fuzz_long): its own Ray.
+"""A local kvpilot stack for the hardening scripts (fault_kill, fault_burst, soak, fuzz_long): its own Ray.
 
 ``ray.init(address="local")`` always starts a new Ray instance, so a script never attaches to
 (or stops) a cluster someone else started on the machine. The stack's processes (GCS, raylet,
@@ -8,11 +8,13 @@ Ray node's and their descendants.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +234,25 @@ def wait_for(predicate: Any, timeout_s: float, period_s: float = 0.5) -> float |
             return time.monotonic() - started
         time.sleep(period_s)
     return None
+
+
+def timestamp() -> str:
+    """Now as ``YYYYmmdd-HHMMSS``: the suffix of every result file the scripts write."""
+    return f"{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def start_stack(stack: LocalStack) -> None:
+    """Start ``stack`` and print how long it took and where it listens."""
+    started = time.monotonic()
+    stack.start()
+    print(f"stack up in {time.monotonic() - started:.0f} s at {stack.url}", flush=True)
+
+
+def write_result(out: Path, name: str, ns: argparse.Namespace, **fields: Any) -> Path:
+    """``OUT/NAME-<time>.json``: the script's arguments, ``fields`` and the load average; prints its path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{timestamp()}.json"
+    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(ns).items()}, **fields,
+                                "load_average": os.getloadavg()}, indent=2))
+    print(f"wrote {path}")
+    return path

@@ -16,11 +16,10 @@ import os
 import sys
 from collections import Counter
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fault_stack import ROOT, LocalStack  # noqa: E402
+from fault_stack import ROOT, LocalStack, timestamp  # noqa: E402
 
 from tests.fuzz.conftest import API_KEY, MAX_TOKENS, fuzz_args  # noqa: E402
 from tests.fuzz.openapi_fuzz import run  # noqa: E402
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
 
     ns.out.mkdir(parents=True, exist_ok=True)
-    stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+    stamp = timestamp()
     keys = ns.out / f".fuzz-keys-{stamp}"
     keys.write_text(API_KEY + "\n")
     stack = LocalStack(fuzz_args(keys), num_cpus=ns.num_cpus)

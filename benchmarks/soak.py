@@ -29,7 +29,6 @@ import statistics
 import sys
 import time
 from collections import Counter, defaultdict
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fault_stack import ROOT, EngineWatch, LocalStack, role  # noqa: E402
+from fault_stack import ROOT, EngineWatch, LocalStack, role, start_stack, timestamp  # noqa: E402
 
 API_KEY = "sk-kvpilot-soak-0000000000000000000"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven tired engineers watch the cluster "
@@ -283,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args, _ = read_serve_args(ns.config)
     ns.out.mkdir(parents=True, exist_ok=True)
-    stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+    stamp = timestamp()
     keys = ns.out / f".soak-keys-{stamp}"
     keys.write_text(API_KEY + "\n")
     args = {**args, "ingress": {"auth": "required", "api_keys_file": str(keys)}}
@@ -291,9 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = LocalStack(args, num_cpus=ns.num_cpus)
     warmup_min = ns.warmup_min if ns.warmup_min is not None else min(5.0, ns.minutes / 5)
     watch = EngineWatch()
-    t0 = time.monotonic()
-    stack.start()
-    print(f"stack up in {time.monotonic() - t0:.0f} s at {stack.url}", flush=True)
+    start_stack(stack)
     try:
         capacity = asyncio.run(measure_capacity(stack.url, model, ns.clients, ns.capacity_s, ns.max_tokens))
         rate = ns.load * capacity
