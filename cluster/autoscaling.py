@@ -113,6 +113,49 @@ def decide(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState) -> tup
     """
     now, cur = inp.now_s, inp.current_replicas
     have = max(cur, inp.target_replicas if inp.target_replicas is not None else cur)
+    kv = _kv_need(inp, cfg, state)
+    compute = _compute_need(inp, cfg, state, kv, have)
+    max_kv = max((r.kv_cache_usage for r in inp.replicas), default=0.0)
+    pressure = _Pressure(
+        busy=kv.running + kv.waiting + inp.queued_requests > 0 or any(r.token_rate > 0 for r in inp.replicas),
+        max_kv=max_kv,
+        kv_high=max_kv >= cfg.high_kv_usage,
+        queueing=compute.waiting_avg >= cfg.high_waiting_per_replica,
+    )
+    st = ScalerState(
+        history=kv.history,
+        pressure_since=_since(state.pressure_since, now) if pressure.pressured else None,
+        idle_since=None if pressure.busy else _since(state.idle_since, now),
+        low_since=state.low_since,
+        load=compute.load,
+        itl_floor_s=compute.floor_s if compute.floor_source == "override" else compute.learned,
+    )
+    kind, desired, reason, updates = _rule(inp, cfg, state, st, have, kv, compute, pressure)
+    bounded = min(max(desired, inp.min_replicas), inp.max_replicas)
+    if bounded != desired:
+        reason += f" (held to [{inp.min_replicas}, {inp.max_replicas}])"
+    sources = {"itl_floor_s": compute.floor_source, "kv_capacity_tokens": kv.capacity_source}
+    return Decision(bounded, kind, reason, kv.ratio, _signals(inp, kv, compute), sources), replace(st, **updates)
+
+
+@dataclass(frozen=True)
+class _KvNeed:
+    """The memory side of a decision (see the module doc)."""
+
+    capacity_source: str  # "measured" (every replica reported its own) or "plan"
+    used: float  # KV tokens in use
+    running: float
+    waiting: float  # in the engines
+    demand: float  # tokens: in use plus the queued requests'
+    history: tuple[tuple[float, float], ...]  # (time, demand) within the trend window, now included
+    slope: float  # demand's growth, tokens per second
+    predicted: float  # demand after a new replica's start-up
+    by_kv: int  # replicas the predicted demand needs
+    ratio: float  # predicted demand over the current replicas' capacity
+
+
+def _kv_need(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState) -> _KvNeed:
+    now, cur = inp.now_s, inp.current_replicas
     caps = [r.kv_capacity_tokens for r in inp.replicas if r.kv_capacity_tokens]
     if caps and len(caps) == len(inp.replicas):  # every replica measured its own: use those
         cap = max(1, round(sum(caps) / len(caps)))
@@ -130,12 +173,38 @@ def decide(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState) -> tup
     slope = _slope(history)
     predicted = demand + max(0.0, slope) * cfg.startup_s
     by_kv = math.ceil(predicted / (cap * cfg.target_kv_usage)) if predicted > 0 else 0
-    ratio = predicted / (cap * max(1, cur))
+    return _KvNeed(cap_source, used, running, waiting, demand, history, slope, predicted, by_kv,
+                   ratio=predicted / (cap * max(1, cur)))
 
-    # Compute: windowed waiting per replica and inter-token latency (see the module doc).
+
+@dataclass(frozen=True)
+class _ComputeNeed:
+    """The compute side of a decision: windowed waiting and inter-token latency (see the module doc)."""
+
+    load: tuple[tuple[float, float, float, float, float], ...]  # ScalerState.load, now included
+    waiting_avg: float  # requests waiting per serving replica, over the window
+    serving_avg: float  # serving replicas, over the window
+    itl: float | None  # inter-token latency over the window; None: not judged
+    learned: float | None  # the lowest windowed ITL seen
+    floor_s: float | None  # the ITL floor in use
+    floor_source: str  # "override", "measured" or "learned"
+    usage: float
+    by_compute: int  # replicas the compute usage needs
+    floor_need: int  # what compute allows scaling down to (``have`` while the need is unknown)
+
+    def text(self, cfg: AutoscalingConfig) -> str:
+        if self.itl is None:
+            return f"compute usage {self.usage:.0%}"
+        return (f"compute usage {self.usage:.0%} (inter-token latency {self.itl * 1e3:,.0f} ms over "
+                f"{cfg.trend_window_s:.0f} s, floor {self.floor_s * 1e3:,.0f} ms {self.floor_source})")
+
+
+def _compute_need(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState, kv: _KvNeed,
+                  have: int) -> _ComputeNeed:
+    now, cur = inp.now_s, inp.current_replicas
     gens = [r.generation_rate for r in inp.replicas if r.generation_rate is not None]
     reported = bool(inp.replicas) and len(gens) == len(inp.replicas)
-    sample = (now, float(cur), (waiting + inp.queued_requests) / max(1, cur), running, sum(gens))
+    sample = (now, float(cur), (kv.waiting + inp.queued_requests) / max(1, cur), kv.running, sum(gens))
     load = tuple(x for x in state.load if now - x[0] <= cfg.trend_window_s) + ((sample,) if cur else ())
     waiting_avg = sum(x[2] for x in load) / len(load) if load else 0.0
     run_sum, gen_sum = sum(x[3] for x in load), sum(x[4] for x in load)
@@ -144,16 +213,7 @@ def decide(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState) -> tup
     known = reported and len(load) > 1 and now - load[0][0] >= cfg.trend_window_s / 2
     itl = run_sum / gen_sum if known and gen_sum > 0 and run_sum > 0 else None
     learned = state.itl_floor_s if itl is None else min(itl, state.itl_floor_s or itl)
-    measured = sorted(r.itl_floor_s for r in inp.replicas if r.itl_floor_s)
-    if cfg.itl_floor_s is not None:
-        floor_s: float | None = cfg.itl_floor_s
-        floor_source = "override"
-    elif measured:  # the replicas' own step time at batch 1 (their median: one slow report moves nothing)
-        floor_s = measured[len(measured) // 2]
-        floor_source = "measured"
-    else:
-        floor_s = learned
-        floor_source = "learned"
+    floor_s, floor_source = _itl_floor(inp, cfg, learned)
     if itl is not None and floor_s is not None:
         usage = max(0.0, 1.0 - floor_s / itl)
     elif known and run_sum > 0 and gen_sum == 0:
@@ -162,76 +222,84 @@ def decide(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState) -> tup
         usage = 0.0
     by_compute = math.ceil(usage * serving_avg / cfg.target_compute_usage - 1e-9) if usage > 0 else 0
     # Without a judged window, the compute need is unknown: it neither adds replicas nor allows removing one.
-    compute_floor = by_compute if known or not reported else have
+    floor_need = by_compute if known or not reported else have
+    return _ComputeNeed(load, waiting_avg, serving_avg, itl, learned, floor_s, floor_source, usage, by_compute,
+                        floor_need)
 
-    signals = {"kv_tokens_used": used, "kv_demand_tokens": demand, "kv_predicted_tokens": predicted,
-               "kv_growth_tokens_per_s": slope, "waiting": waiting, "queued": inp.queued_requests,
-               "waiting_per_replica_avg": waiting_avg, "compute_usage": usage}
-    if itl is not None:
-        signals["itl_s"] = itl
-    if floor_s is not None:
-        signals["itl_floor_s"] = floor_s
-    busy = running + waiting + inp.queued_requests > 0 or any(r.token_rate > 0 for r in inp.replicas)
-    max_kv = max((r.kv_cache_usage for r in inp.replicas), default=0.0)
-    kv_high = max_kv >= cfg.high_kv_usage
-    queueing = waiting_avg >= cfg.high_waiting_per_replica
-    pressured = kv_high or queueing
-    st = ScalerState(
-        history=history,
-        pressure_since=_since(state.pressure_since, now) if pressured else None,
-        idle_since=None if busy else _since(state.idle_since, now),
-        low_since=state.low_since,
-        load=load,
-        itl_floor_s=floor_s if floor_source == "override" else learned,
-    )
-    sources = {"itl_floor_s": floor_source, "kv_capacity_tokens": cap_source}
 
-    def out(kind: str, desired: int, reason: str, **upd: float | None) -> tuple[Decision, ScalerState]:
-        bounded = min(max(desired, inp.min_replicas), inp.max_replicas)
-        if bounded != desired:
-            reason += f" (held to [{inp.min_replicas}, {inp.max_replicas}])"
-        return Decision(bounded, kind, reason, ratio, signals, sources), replace(st, **upd)
+def _itl_floor(inp: ScalingInput, cfg: AutoscalingConfig, learned: float | None) -> tuple[float | None, str]:
+    """The ITL floor and where it came from: the config's override, the replicas' measurement, or traffic."""
+    measured = sorted(r.itl_floor_s for r in inp.replicas if r.itl_floor_s)
+    if cfg.itl_floor_s is not None:
+        return cfg.itl_floor_s, "override"
+    if measured:  # the replicas' own step time at batch 1 (their median: one slow report moves nothing)
+        return measured[len(measured) // 2], "measured"
+    return learned, "learned"
 
-    def compute_text() -> str:
-        if itl is None:
-            return f"compute usage {usage:.0%}"
-        return (f"compute usage {usage:.0%} (inter-token latency {itl * 1e3:,.0f} ms over {cfg.trend_window_s:.0f} s, "
-                f"floor {floor_s * 1e3:,.0f} ms {floor_source})")
 
+def _signals(inp: ScalingInput, kv: _KvNeed, compute: _ComputeNeed) -> dict[str, float]:
+    signals = {"kv_tokens_used": kv.used, "kv_demand_tokens": kv.demand, "kv_predicted_tokens": kv.predicted,
+               "kv_growth_tokens_per_s": kv.slope, "waiting": kv.waiting, "queued": inp.queued_requests,
+               "waiting_per_replica_avg": compute.waiting_avg, "compute_usage": compute.usage}
+    if compute.itl is not None:
+        signals["itl_s"] = compute.itl
+    if compute.floor_s is not None:
+        signals["itl_floor_s"] = compute.floor_s
+    return signals
+
+
+@dataclass(frozen=True)
+class _Pressure:
+    busy: bool  # anything running, waiting, queued or flowing
+    max_kv: float  # the fullest replica's KV usage
+    kv_high: bool
+    queueing: bool
+
+    @property
+    def pressured(self) -> bool:
+        return self.kv_high or self.queueing
+
+
+def _rule(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState, st: ScalerState, have: int,
+          kv: _KvNeed, compute: _ComputeNeed, p: _Pressure) -> tuple[str, int, str, dict[str, float | None]]:
+    """The first rule that applies: (kind, desired replicas before the bounds, reason, state updates)."""
+    now, cur, by_kv, by_compute = inp.now_s, inp.current_replicas, kv.by_kv, compute.by_compute
     if cur == 0:
-        if inp.queued_requests > 0 or busy:
-            return out("scale_from_zero", max(1, by_kv), f"scale from zero: {inp.queued_requests:.0f} requests waiting",
-                       low_since=None)
-        return out("idle_at_zero", 0, "idle at zero replicas")
+        if inp.queued_requests > 0 or p.busy:
+            return ("scale_from_zero", max(1, by_kv), f"scale from zero: {inp.queued_requests:.0f} requests waiting",
+                    {"low_since": None})
+        return "idle_at_zero", 0, "idle at zero replicas", {}
     if by_kv > have and by_kv >= by_compute:
-        return out("kv_demand", by_kv, f"KV demand {predicted:,.0f} tokens (growing {slope:,.0f}/s over a {cfg.startup_s:.0f} s "
-                          f"start-up) exceeds {cfg.target_kv_usage:.0%} of {cur} replicas' capacity", low_since=None)
+        return ("kv_demand", by_kv, f"KV demand {kv.predicted:,.0f} tokens (growing {kv.slope:,.0f}/s over a "
+                f"{cfg.startup_s:.0f} s start-up) exceeds {cfg.target_kv_usage:.0%} of {cur} replicas' capacity",
+                {"low_since": None})
     if by_compute > have:
-        return out("compute_demand", by_compute, f"{compute_text()} on {serving_avg:.1f} replicas exceeds the "
-                   f"{cfg.target_compute_usage:.0%} target: {by_compute} replicas needed", low_since=None)
+        return ("compute_demand", by_compute, f"{compute.text(cfg)} on {compute.serving_avg:.1f} replicas exceeds "
+                f"the {cfg.target_compute_usage:.0%} target: {by_compute} replicas needed", {"low_since": None})
     if st.pressure_since is not None and now - st.pressure_since >= cfg.upscale_sustained_s:
-        what = (f"max KV usage {max_kv:.0%}" if kv_high else "") + (", " if kv_high and queueing else "") + (
-            f"{waiting_avg:.1f} requests waiting per replica over {cfg.trend_window_s:.0f} s" if queueing else "")
+        what = (f"max KV usage {p.max_kv:.0%}" if p.kv_high else "") + (", " if p.kv_high and p.queueing else "") + (
+            f"{compute.waiting_avg:.1f} requests waiting per replica over {cfg.trend_window_s:.0f} s"
+            if p.queueing else "")
         if have > cur:
-            return out("pressure_starting", have, f"sustained pressure for {now - st.pressure_since:.0f} s ({what}); "
-                       f"{have - cur} replica(s) already starting", low_since=None)
-        return out("sustained_pressure", cur + 1, f"sustained pressure for {now - st.pressure_since:.0f} s: {what}",
-                   low_since=None, pressure_since=now)
+            return ("pressure_starting", have, f"sustained pressure for {now - st.pressure_since:.0f} s ({what}); "
+                    f"{have - cur} replica(s) already starting", {"low_since": None})
+        return ("sustained_pressure", cur + 1, f"sustained pressure for {now - st.pressure_since:.0f} s: {what}",
+                {"low_since": None, "pressure_since": now})
     if inp.min_replicas == 0 and st.idle_since is not None and now - st.idle_since >= cfg.idle_to_zero_s:
-        return out("scale_to_zero", 0, f"no traffic for {now - st.idle_since:.0f} s: scale to zero", low_since=None)
-    floor = max(by_kv, compute_floor, 1)
-    if floor < have and not pressured:
+        return "scale_to_zero", 0, f"no traffic for {now - st.idle_since:.0f} s: scale to zero", {"low_since": None}
+    floor = max(by_kv, compute.floor_need, 1)
+    if floor < have and not p.pressured:
         low_since = state.low_since if state.low_since is not None else now
         why = (f"demand fits {floor} replica(s) at {cfg.target_kv_usage:.0%} KV and {cfg.target_compute_usage:.0%} "
-               f"compute ({compute_text()}, {waiting_avg:.2f} waiting per replica)")
+               f"compute ({compute.text(cfg)}, {compute.waiting_avg:.2f} waiting per replica)")
         if now - low_since >= cfg.downscale_delay_s:
-            return out("downscale", have - 1, f"{why} for {now - low_since:.0f} s: remove one", low_since=now)
-        return out("downscale_pending", have, f"{why}; waiting {cfg.downscale_delay_s - (now - low_since):.0f} s "
-                   "more before scaling down", low_since=low_since)
-    if pressured:
-        return out("steady", have, f"steady: pressure for {now - st.pressure_since:.0f} s, under the "
-                   f"{cfg.upscale_sustained_s:.0f} s sustain window", low_since=None)
-    return out("steady", have, f"steady: demand fits the current replicas ({compute_text()})", low_since=None)
+            return "downscale", have - 1, f"{why} for {now - low_since:.0f} s: remove one", {"low_since": now}
+        return ("downscale_pending", have, f"{why}; waiting {cfg.downscale_delay_s - (now - low_since):.0f} s "
+                "more before scaling down", {"low_since": low_since})
+    if p.pressured:
+        return ("steady", have, f"steady: pressure for {now - st.pressure_since:.0f} s, under the "
+                f"{cfg.upscale_sustained_s:.0f} s sustain window", {"low_since": None})
+    return "steady", have, f"steady: demand fits the current replicas ({compute.text(cfg)})", {"low_since": None}
 
 
 def _since(start: float | None, now: float) -> float:
