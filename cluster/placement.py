@@ -91,18 +91,7 @@ def deployment_options(cfg: ModelConfig, kv_capacity_tokens: int = 0, block_toke
     """
     opts: dict[str, Any] = {
         "name": deployment_name(cfg.name),
-        "request_router_config": {
-            "request_router_class": ROUTER_CLASS,
-            "request_router_kwargs": {
-                "model": cfg.name,
-                "policy": cfg.routing.policy,
-                "params": dict(cfg.routing.params),
-                "kv_capacity_tokens": kv_capacity_tokens,
-                "block_tokens": block_tokens,
-                "max_index_blocks": cfg.routing.max_index_blocks,
-            },
-            "request_routing_stats_period_s": cfg.routing.stats_period_s,
-        },
+        "request_router_config": _router_config(cfg, kv_capacity_tokens, block_tokens),
         # Serve's router holds back a request (with growing backoff) when every replica has this
         # many; with the bound at max_num_seqs, a burst as large as the engine's slots waited
         # seconds for a slot freed milliseconds before. Beyond the slots, requests wait in the
@@ -115,41 +104,70 @@ def deployment_options(cfg: ModelConfig, kv_capacity_tokens: int = 0, block_toke
     if cfg.min_replicas == cfg.max_replicas:
         opts["num_replicas"] = cfg.min_replicas
     else:
-        a = cfg.autoscaling
-        opts["autoscaling_config"] = {
-            "min_replicas": cfg.min_replicas,
-            "max_replicas": cfg.max_replicas,
-            "metrics_interval_s": a.metrics_interval_s,
-            "look_back_period_s": 2 * a.metrics_interval_s,
-            # kvpilot's policy keeps its own delays; Serve's would stack on top of them.
-            "upscale_delay_s": 0.0,
-            "downscale_delay_s": 0.0,
-            "policy": {
-                "policy_function": AUTOSCALER_CLASS,
-                "policy_kwargs": {
-                    "model": cfg.name,
-                    "config": a.model_dump(),
-                    "kv_capacity_tokens": kv_capacity_tokens,
-                    "min_replicas": cfg.min_replicas,
-                    "max_replicas": cfg.max_replicas,
-                },
+        opts["autoscaling_config"] = _autoscaling_config(cfg, kv_capacity_tokens)
+    opts.update(_actor_options(cfg))
+    return opts
+
+
+def _router_config(cfg: ModelConfig, kv_capacity_tokens: int, block_tokens: int) -> dict[str, Any]:
+    """Serve's ``request_router_config``: kvpilot's router with the model's routing policy."""
+    return {
+        "request_router_class": ROUTER_CLASS,
+        "request_router_kwargs": {
+            "model": cfg.name,
+            "policy": cfg.routing.policy,
+            "params": dict(cfg.routing.params),
+            "kv_capacity_tokens": kv_capacity_tokens,
+            "block_tokens": block_tokens,
+            "max_index_blocks": cfg.routing.max_index_blocks,
+        },
+        "request_routing_stats_period_s": cfg.routing.stats_period_s,
+    }
+
+
+def _autoscaling_config(cfg: ModelConfig, kv_capacity_tokens: int) -> dict[str, Any]:
+    """Serve's ``autoscaling_config``: kvpilot's policy between ``min_replicas`` and ``max_replicas``."""
+    a = cfg.autoscaling
+    return {
+        "min_replicas": cfg.min_replicas,
+        "max_replicas": cfg.max_replicas,
+        "metrics_interval_s": a.metrics_interval_s,
+        "look_back_period_s": 2 * a.metrics_interval_s,
+        # kvpilot's policy keeps its own delays; Serve's would stack on top of them.
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 0.0,
+        "policy": {
+            "policy_function": AUTOSCALER_CLASS,
+            "policy_kwargs": {
+                "model": cfg.name,
+                "config": a.model_dump(),
+                "kv_capacity_tokens": kv_capacity_tokens,
+                "min_replicas": cfg.min_replicas,
+                "max_replicas": cfg.max_replicas,
             },
-        }
+        },
+    }
+
+
+def _actor_options(cfg: ModelConfig) -> dict[str, Any]:
+    """The replica actor's resources and environment; on GPUs, the workers' placement group."""
     # vLLM mounts /v1/load_lora_adapter and /v1/unload_lora_adapter only with this switch; the
     # ingress lets only admin keys reach them.
     lora_env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"} if cfg.lora is not None else {}
     if get_accelerator(cfg.accelerator).is_gpu:
-        opts["ray_actor_options"] = {"num_cpus": REPLICA_ACTOR_CPUS, "num_gpus": 0,
-                                     "runtime_env": {"env_vars": {**SERVE_LOOP_ENV, **lora_env}}}
-        opts["placement_group_bundles"] = worker_bundles(cfg)
-        opts["placement_group_strategy"] = cfg.placement_strategy
-    else:
-        opts["ray_actor_options"] = {
+        return {
+            "ray_actor_options": {"num_cpus": REPLICA_ACTOR_CPUS, "num_gpus": 0,
+                                  "runtime_env": {"env_vars": {**SERVE_LOOP_ENV, **lora_env}}},
+            "placement_group_bundles": worker_bundles(cfg),
+            "placement_group_strategy": cfg.placement_strategy,
+        }
+    return {
+        "ray_actor_options": {
             "num_cpus": cfg.world_size,
             "runtime_env": {"env_vars": {**SERVE_LOOP_ENV, "VLLM_CPU_OMP_THREADS_BIND": cpu_threads_bind(cfg),
                                          **lora_env}},
-        }
-    return opts
+        },
+    }
 
 
 def deployment_name(model_name: str) -> str:
