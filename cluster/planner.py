@@ -213,11 +213,7 @@ def _batched_tokens(cfg: ModelConfig, accel: Accelerator) -> int:
 
 def plan_model(cfg: ModelConfig, accelerator: str | None = None) -> Plan:
     """Plan one model on its configured accelerator (or ``accelerator``, to ask "what if")."""
-    if accelerator is not None and accelerator != cfg.accelerator:
-        accel = get_accelerator(accelerator)
-        if accel.is_gpu != get_accelerator(cfg.accelerator).is_gpu:
-            raise ValueError(f"--gpu: {accelerator!r} cannot stand in for {cfg.accelerator!r} (GPU vs CPU)")
-        cfg = cfg.model_copy(update={"accelerator": accelerator})
+    cfg = _on_accelerator(cfg, accelerator)
     accel = get_accelerator(cfg.accelerator)
     spec = cfg.spec()
     tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
@@ -229,44 +225,9 @@ def plan_model(cfg: ModelConfig, accelerator: str | None = None) -> Plan:
     per_token = kv_bytes_per_token(spec, cfg.kv_cache_dtype, dtype, tp, pp)
     batched = _batched_tokens(cfg, accel)
     act = activation_bytes(spec, dtype, tp, batched, cfg.max_num_seqs)
-    qdesc = spec.quant.describe() if spec.quant else (f"{method} applied at load" if method != "none" else "")
-    assumptions = [
-        f"architecture: {spec.describe()}",
-        f"weights in {dtype}" + (f", {qdesc}" if qdesc else "") + (", experts split by expert (EP)" if ep and spec.is_moe else ""),
-        f"weights from {weights_from}" + (f"; plus {', '.join(load_notes)}" if load_notes else ""),
-        f"activation peak for {batched} batched tokens and {cfg.max_num_seqs} sequences (estimate)",
-    ]
-    if spec.revision:
-        assumptions.insert(0, f"source: {cfg.source} at commit {spec.revision}")
-    if spec.is_mla:
-        assumptions.append("KV cache: MLA latent vectors, the same on every TP rank (not split)")
-    if spec.sliding_window:
-        assumptions.append(
-            f"KV cache: {spec.layer_types.count('sliding')} sliding-window layers hold at most "
-            f"{spec.sliding_window} + {batched} tokens per request (vLLM's hybrid KV cache manager)"
-        )
+    assumptions = _model_assumptions(cfg, spec, dtype, method, ep, batched, weights_from, load_notes)
     lora = _lora_buffers(cfg, spec, dtype, tp, pp, per_token, accel.is_gpu, assumptions)
-    if accel.is_gpu:
-        assert accel.memory_bytes is not None
-        block = GPU_BLOCK_SIZE
-        budget = int(cfg.gpu_memory_utilization * accel.memory_bytes)
-        eager = bool(cfg.engine_kwargs.get("enforce_eager", False))
-        overhead = NON_TORCH_BYTES + (NCCL_BYTES if cfg.world_size > 1 else 0) + (0 if eager else CUDA_GRAPH_BYTES)
-        assumptions.append(
-            f"runtime overhead {overhead / GIB:.2f} GiB: non-torch 0.50"
-            + (", NCCL 0.25" if cfg.world_size > 1 else "")
-            + (", CUDA graphs 0.50" if not eager else ", no CUDA graphs (enforce_eager)")
-        )
-        kv_budget = budget - weights - act - overhead - lora
-    else:
-        block = CPU_BLOCK_SIZE
-        kv_budget = int(cfg.cpu_kv_cache_space_gib * GIB)
-        budget = kv_budget
-        overhead = 0
-        assumptions.append(
-            f"CPU: KV cache fixed at {cfg.cpu_kv_cache_space_gib} GiB per worker; weights and activations "
-            "use host memory beside it"
-        )
+    block, budget, kv_budget, overhead = _kv_budget(cfg, accel, weights, act, lora, assumptions)
     num_blocks, concurrency, kv_tokens = kv_capacity(
         spec, kv_budget, block, mml, cfg.kv_cache_dtype, dtype, tp, pp, batched * pp)
     fits = concurrency >= 1
@@ -296,6 +257,64 @@ def plan_model(cfg: ModelConfig, accelerator: str | None = None) -> Plan:
     if not fits:
         plan = replace(plan, suggestions=_suggestions(cfg, spec, accel))
     return plan
+
+
+def _on_accelerator(cfg: ModelConfig, accelerator: str | None) -> ModelConfig:
+    """``cfg`` moved to ``accelerator`` (a GPU for a GPU, the CPU for the CPU); ``cfg`` itself for None."""
+    if accelerator is None or accelerator == cfg.accelerator:
+        return cfg
+    accel = get_accelerator(accelerator)
+    if accel.is_gpu != get_accelerator(cfg.accelerator).is_gpu:
+        raise ValueError(f"--gpu: {accelerator!r} cannot stand in for {cfg.accelerator!r} (GPU vs CPU)")
+    return cfg.model_copy(update={"accelerator": accelerator})
+
+
+def _model_assumptions(cfg: ModelConfig, spec: ModelSpec, dtype: str, method: str, ep: bool, batched: int,
+                       weights_from: str, load_notes: list[str]) -> list[str]:
+    """What the plan assumes of the model: source commit, architecture, weight storage, activations, KV layout."""
+    qdesc = spec.quant.describe() if spec.quant else (f"{method} applied at load" if method != "none" else "")
+    assumptions = [
+        f"architecture: {spec.describe()}",
+        f"weights in {dtype}" + (f", {qdesc}" if qdesc else "") + (", experts split by expert (EP)" if ep and spec.is_moe else ""),
+        f"weights from {weights_from}" + (f"; plus {', '.join(load_notes)}" if load_notes else ""),
+        f"activation peak for {batched} batched tokens and {cfg.max_num_seqs} sequences (estimate)",
+    ]
+    if spec.revision:
+        assumptions.insert(0, f"source: {cfg.source} at commit {spec.revision}")
+    if spec.is_mla:
+        assumptions.append("KV cache: MLA latent vectors, the same on every TP rank (not split)")
+    if spec.sliding_window:
+        assumptions.append(
+            f"KV cache: {spec.layer_types.count('sliding')} sliding-window layers hold at most "
+            f"{spec.sliding_window} + {batched} tokens per request (vLLM's hybrid KV cache manager)"
+        )
+    return assumptions
+
+
+def _kv_budget(cfg: ModelConfig, accel: Accelerator, weights: int, act: int, lora: int,
+               assumptions: list[str]) -> tuple[int, int, int, int]:
+    """(block size, memory budget, bytes left for the KV cache, runtime overhead) per GPU or CPU worker.
+
+    On a GPU the KV cache gets what the weights, the activation peak, the LoRA slots and the runtime
+    overhead leave of the budget; on the CPU it is fixed. Says which in ``assumptions``.
+    """
+    if not accel.is_gpu:
+        kv_budget = int(cfg.cpu_kv_cache_space_gib * GIB)
+        assumptions.append(
+            f"CPU: KV cache fixed at {cfg.cpu_kv_cache_space_gib} GiB per worker; weights and activations "
+            "use host memory beside it"
+        )
+        return CPU_BLOCK_SIZE, kv_budget, kv_budget, 0
+    assert accel.memory_bytes is not None
+    budget = int(cfg.gpu_memory_utilization * accel.memory_bytes)
+    eager = bool(cfg.engine_kwargs.get("enforce_eager", False))
+    overhead = NON_TORCH_BYTES + (NCCL_BYTES if cfg.world_size > 1 else 0) + (0 if eager else CUDA_GRAPH_BYTES)
+    assumptions.append(
+        f"runtime overhead {overhead / GIB:.2f} GiB: non-torch 0.50"
+        + (", NCCL 0.25" if cfg.world_size > 1 else "")
+        + (", CUDA graphs 0.50" if not eager else ", no CUDA graphs (enforce_eager)")
+    )
+    return GPU_BLOCK_SIZE, budget, budget - weights - act - overhead - lora, overhead
 
 
 def _lora_buffers(cfg: ModelConfig, spec: ModelSpec, dtype: str, tp: int, pp: int, per_token: int, on_gpu: bool,
