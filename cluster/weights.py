@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import replace
 
 from cluster.hub import TensorInfo
@@ -132,56 +133,87 @@ def linear_tensors(prefix: str, out_f: int, in_f: int, q: QuantSpec | None, dt: 
     if q is None:
         out[f"{prefix}.weight"] = t(dt, out_f, in_f)
         return out
+    for layout in (_integer_layout, _fp8_layout, _fp4_layout, _bitsandbytes_layout):
+        tensors = layout(prefix, out_f, in_f, q, dt, t)
+        if tensors is not None:
+            return out | tensors
+    raise ValueError(f"quantization: no tensor layout for {q.describe()}")
+
+
+# A layout: (prefix, out_f, in_f, quantization, unquantized dtype, shape maker) -> the layer's tensors, or
+# None when the quantization is not one of its formats. The shape maker prepends the expert dimension.
+_Shape = Callable[..., TensorInfo]
+
+
+def _integer_layout(prefix: str, out_f: int, in_f: int, q: QuantSpec, dt: str,
+                    t: _Shape) -> dict[str, TensorInfo] | None:
+    """Packed integer codes with group scales (AWQ, GPTQ, compressed-tensors W4A16/W8A16), and W8A8-INT8."""
     g = q.group_size if q.group_size > 0 else in_f
     groups = math.ceil(in_f / g)
     per_int = 32 // q.bits
     if q.method == "awq":
-        out |= {f"{prefix}.qweight": t("I32", in_f, out_f // per_int), f"{prefix}.qzeros": t("I32", groups, out_f // per_int),
+        return {f"{prefix}.qweight": t("I32", in_f, out_f // per_int), f"{prefix}.qzeros": t("I32", groups, out_f // per_int),
                 f"{prefix}.scales": t("F16", groups, out_f)}
-    elif q.method == "gptq":
-        out |= {f"{prefix}.qweight": t("I32", in_f // per_int, out_f), f"{prefix}.qzeros": t("I32", groups, out_f // per_int),
+    if q.method == "gptq":
+        return {f"{prefix}.qweight": t("I32", in_f // per_int, out_f), f"{prefix}.qzeros": t("I32", groups, out_f // per_int),
                 f"{prefix}.scales": t("F16", groups, out_f), f"{prefix}.g_idx": t("I32", in_f)}
-    elif q.scheme in ("w4a16", "w8a16"):
-        out |= {f"{prefix}.weight_packed": t("I32", out_f, in_f // per_int), f"{prefix}.weight_scale": t(dt, out_f, groups),
-                f"{prefix}.weight_shape": t("I64", 2)}
+    if q.scheme in ("w4a16", "w8a16"):
+        out = {f"{prefix}.weight_packed": t("I32", out_f, in_f // per_int), f"{prefix}.weight_scale": t(dt, out_f, groups),
+               f"{prefix}.weight_shape": t("I64", 2)}
         if q.desc_act:
             out[f"{prefix}.weight_g_idx"] = t("I32", in_f)
-    elif q.scheme == "w8a8-int8":
-        out |= {f"{prefix}.weight": t("I8", out_f, in_f), f"{prefix}.weight_scale": t("F32", out_f, 1)}
-    elif q.scheme in ("fp8", "fp8-channel", "fp8-block"):
-        out[f"{prefix}.weight"] = t("F8_E4M3", out_f, in_f)
-        if q.scheme == "fp8-block":
-            key = "weight_scale" if q.method == "compressed-tensors" else "weight_scale_inv"
-            out[f"{prefix}.{key}"] = t("F32", math.ceil(out_f / q.block[0]), math.ceil(in_f / q.block[1]))
-        elif q.scheme == "fp8-channel":
-            out[f"{prefix}.weight_scale"] = t("F32", out_f, 1)
-        else:
-            out[f"{prefix}.weight_scale"] = t("F32")
-        if q.static_input_scale:
-            out[f"{prefix}.input_scale"] = t("F32")
-    elif q.scheme == "nvfp4":
+        return out
+    if q.scheme == "w8a8-int8":
+        return {f"{prefix}.weight": t("I8", out_f, in_f), f"{prefix}.weight_scale": t("F32", out_f, 1)}
+    return None
+
+
+def _fp8_layout(prefix: str, out_f: int, in_f: int, q: QuantSpec, dt: str, t: _Shape) -> dict[str, TensorInfo] | None:
+    """FP8 weights with per-tensor, per-channel or 128×128-block scales."""
+    if q.scheme not in ("fp8", "fp8-channel", "fp8-block"):
+        return None
+    out = {f"{prefix}.weight": t("F8_E4M3", out_f, in_f)}
+    if q.scheme == "fp8-block":
+        key = "weight_scale" if q.method == "compressed-tensors" else "weight_scale_inv"
+        out[f"{prefix}.{key}"] = t("F32", math.ceil(out_f / q.block[0]), math.ceil(in_f / q.block[1]))
+    elif q.scheme == "fp8-channel":
+        out[f"{prefix}.weight_scale"] = t("F32", out_f, 1)
+    else:
+        out[f"{prefix}.weight_scale"] = t("F32")
+    if q.static_input_scale:
+        out[f"{prefix}.input_scale"] = t("F32")
+    return out
+
+
+def _fp4_layout(prefix: str, out_f: int, in_f: int, q: QuantSpec, dt: str, t: _Shape) -> dict[str, TensorInfo] | None:
+    """NVFP4 (compressed-tensors or ModelOpt) and MXFP4 (gpt-oss's blocks and scales)."""
+    if q.scheme == "nvfp4":
         w = "weight_packed" if q.method == "compressed-tensors" else "weight"
-        out |= {f"{prefix}.{w}": t("U8", out_f, in_f // 2), f"{prefix}.weight_scale": t("F8_E4M3", out_f, in_f // 16)}
+        out = {f"{prefix}.{w}": t("U8", out_f, in_f // 2), f"{prefix}.weight_scale": t("F8_E4M3", out_f, in_f // 16)}
         if q.method == "compressed-tensors":
-            out |= {f"{prefix}.weight_global_scale": t("F32", 1), f"{prefix}.input_global_scale": t("F32", 1)}
-        else:
-            out |= {f"{prefix}.weight_scale_2": t("F32"), f"{prefix}.input_scale": t("F32")}
-    elif q.scheme == "mxfp4":
-        out |= {f"{prefix}_blocks": t("U8", out_f, in_f // 32, 16), f"{prefix}_scales": t("U8", out_f, in_f // 32)}
-    elif q.scheme == "nf4":
+            return out | {f"{prefix}.weight_global_scale": t("F32", 1), f"{prefix}.input_global_scale": t("F32", 1)}
+        return out | {f"{prefix}.weight_scale_2": t("F32"), f"{prefix}.input_scale": t("F32")}
+    if q.scheme == "mxfp4":
+        return {f"{prefix}_blocks": t("U8", out_f, in_f // 32, 16), f"{prefix}_scales": t("U8", out_f, in_f // 32)}
+    return None
+
+
+def _bitsandbytes_layout(prefix: str, out_f: int, in_f: int, q: QuantSpec, dt: str,
+                         t: _Shape) -> dict[str, TensorInfo] | None:
+    """bitsandbytes NF4 (with or without nested absmax quantization) and LLM.int8."""
+    if q.scheme == "nf4":
         n = out_f * in_f
-        out[f"{prefix}.weight"] = t("U8", n // 2, 1)
+        out = {f"{prefix}.weight": t("U8", n // 2, 1)}
         if q.double_quant:
             out |= {f"{prefix}.weight.absmax": t("U8", n // 64), f"{prefix}.weight.nested_absmax": t("F32", math.ceil(n / 64 / 256)),
                     f"{prefix}.weight.nested_quant_map": t("F32", 256)}
         else:
             out[f"{prefix}.weight.absmax"] = t("F32", math.ceil(n / 64))
         out[f"{prefix}.weight.quant_map"] = t("F32", 16)
-    elif q.scheme == "int8-bnb":
-        out |= {f"{prefix}.weight": t("I8", out_f, in_f), f"{prefix}.SCB": t("F32", out_f)}
-    else:
-        raise ValueError(f"quantization: no tensor layout for {q.describe()}")
-    return out
+        return out
+    if q.scheme == "int8-bnb":
+        return {f"{prefix}.weight": t("I8", out_f, in_f), f"{prefix}.SCB": t("F32", out_f)}
+    return None
 
 
 def _attention(p: str, spec: ModelSpec, q: QuantSpec | None, dt: str) -> dict[str, TensorInfo]:
