@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from cluster.config import ClusterConfig, ConfigError, ModelConfig
+from cluster.config import ClusterConfig, ConfigError
 from cluster.hardware import CATALOG, QUANTIZATIONS
 from cluster.modelspec import load_spec
 from cluster.plan_report import gib, render_plan
