@@ -90,10 +90,24 @@ ROUTER = (
                                    (_q(0.99, M.ROUTER_DECISION_SECONDS), "p99")), "s"),
 )
 
+LORA = (
+    Panel("LoRA requests per second by adapter", ((_rate(M.LORA_REQUESTS, "adapter"), "{{adapter}}"),), "reqps"),
+    Panel("LoRA tokens per second by adapter", (
+        (_rate(M.LORA_PROMPT_TOKENS, "adapter"), "prompt {{adapter}}"),
+        (_rate(M.LORA_GENERATION_TOKENS, "adapter"), "generated {{adapter}}"),
+    )),
+    Panel("Adapter loads and evictions per replica", (
+        (_rate(M.LORA_LOADS, "replica"), "loads {{replica}}"),
+        (_rate(M.LORA_EVICTIONS, "replica"), "evictions {{replica}}"),
+    ), "ops"),
+    Panel("Adapters resident per replica", ((f"{n(M.LORA_RESIDENT)}{SEL}", "{{replica}}"),)),
+)
+
 DASHBOARDS: dict[str, tuple[str, tuple[Panel, ...]]] = {
     "kvpilot-overview": ("kvpilot / Overview", OVERVIEW),
     "kvpilot-model": ("kvpilot / Model", MODEL),
     "kvpilot-router": ("kvpilot / Router", ROUTER),
+    "kvpilot-lora": ("kvpilot / LoRA adapters", LORA),
 }
 
 

@@ -9,7 +9,8 @@ Ray prepends ``ray_`` to each name, so Prometheus sees ``ray_kvpilot_...``.
 
 Labels: ``model`` (served model name), ``replica`` (Serve replica id),
 ``gpu`` (NVML index), ``policy`` (routing policy), ``code`` (HTTP status),
-``kind`` (error kind), ``reason`` (autoscaling decision reason), ``source`` (where a
+``kind`` (error kind), ``reason`` (autoscaling decision reason), ``adapter`` (LoRA
+adapter name: the configured ones and those loaded at run time), ``source`` (where a
 calibration fact came from: ``override`` in the config, ``measured`` by the replicas,
 ``plan`` estimate, or ``learned`` from traffic).
 """
@@ -102,6 +103,29 @@ ENGINE_PREFILL_RATE = Metric(
 )
 ENGINE_KV_CAPACITY = Metric(
     "kvpilot_engine_kv_capacity_tokens", "gauge", "KV cache tokens the engine allocated (blocks x block size).", _ENGINE
+)
+
+# --- LoRA adapters (per replica), recorded by the model replica ------------------
+_ADAPTER = (*_ENGINE, "adapter")
+LORA_REQUESTS = Metric(
+    "kvpilot_lora_requests_total", "counter", "Requests served with a LoRA adapter, by adapter.", _ADAPTER
+)
+LORA_PROMPT_TOKENS = Metric(
+    "kvpilot_lora_prompt_tokens_total", "counter", "Prompt tokens of requests with a LoRA adapter.", _ADAPTER
+)
+LORA_GENERATION_TOKENS = Metric(
+    "kvpilot_lora_generation_tokens_total", "counter", "Tokens generated with a LoRA adapter.", _ADAPTER
+)
+LORA_LOADS = Metric(
+    "kvpilot_lora_adapter_loads_total", "counter", "Adapters loaded into the engine's adapter cache "
+    "(preloads, first uses, reloads after an eviction).", _ENGINE,
+)
+LORA_EVICTIONS = Metric(
+    "kvpilot_lora_adapter_evictions_total", "counter", "Adapters the engine dropped from its adapter cache "
+    "(max_cpu_loras full) or unloaded.", _ENGINE,
+)
+LORA_RESIDENT = Metric(
+    "kvpilot_lora_adapters_resident", "gauge", "Adapters in the engine's adapter cache.", _ENGINE
 )
 
 # --- router (in the ingress process) -----------------------------------------

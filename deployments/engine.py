@@ -161,7 +161,10 @@ class ModelServer:
         started = time.monotonic()
         self._engine = engine_factory(model, self._stats, self._rec)
         self._http = await VllmHttpApp.build(model, self._engine)
-        self._resident_adapters = await self._http.resident_adapters() if model.lora is not None else []
+        self._resident_adapters: list[str] = []
+        self._adapter_queries = self._adapters_applied = 0  # order of resident-adapter queries (see _refresh_adapters)
+        if model.lora is not None:
+            await self._refresh_adapters()
         cache = getattr(getattr(self._engine, "vllm_config", None), "cache_config", None)
         if cache is not None and getattr(cache, "num_gpu_blocks", None):  # KV capacity as the engine allocated it
             self._stats.calibration.kv_capacity_tokens = int(cache.num_gpu_blocks) * int(cache.block_size)
@@ -179,9 +182,34 @@ class ModelServer:
         if adapter is not None:  # an adapter loaded at run time through another replica: register it here
             self._http.ensure_adapter(adapter, call.adapter_path, self._model.name)
         async for item in self._http.call(call.method, call.path, call.query, call.headers, call.body):
+            if adapter is not None and type(item) is dict and "usage" in item:
+                self._count_adapter_use(adapter, item["usage"])
             yield item
         if adapter is not None or call.path in LORA_ADMIN_ROUTES:
-            self._resident_adapters = await self._http.resident_adapters()
+            await self._refresh_adapters()
+
+    def _count_adapter_use(self, adapter: str, usage: dict[str, int]) -> None:
+        self._rec.inc(M.LORA_REQUESTS, adapter=adapter)
+        self._rec.inc(M.LORA_PROMPT_TOKENS, usage.get("prompt_tokens", 0), adapter=adapter)
+        self._rec.inc(M.LORA_GENERATION_TOKENS, usage.get("completion_tokens", 0), adapter=adapter)
+
+    async def _refresh_adapters(self) -> None:
+        """Ask the engine which adapters its cache holds; count what came and went since.
+
+        Concurrent requests ask concurrently: only an answer newer than the last one applied
+        counts, so an older answer arriving late cannot undo a newer one (a false eviction).
+        """
+        self._adapter_queries += 1
+        query = self._adapter_queries
+        now = await self._http.resident_adapters()
+        if query <= self._adapters_applied:
+            return
+        self._adapters_applied = query
+        before = set(self._resident_adapters)
+        self._rec.inc(M.LORA_LOADS, len(set(now) - before))
+        self._rec.inc(M.LORA_EVICTIONS, len(before - set(now)))
+        self._rec.set(M.LORA_RESIDENT, len(now))
+        self._resident_adapters = now
 
     # --- replica lifecycle and stats -------------------------------------
 
@@ -213,7 +241,8 @@ class ModelServer:
         self._rec.set(M.ENGINE_WAITING, live["num_waiting"])
         out = {**live, **self._calibration()}
         if self._model.lora is not None:  # the adapters in the engine's cache: the router prefers them
-            out["adapters"] = list(getattr(self, "_resident_adapters", ()))
+            out["adapters"] = list(self._resident_adapters)
+            self._rec.set(M.LORA_RESIDENT, len(self._resident_adapters))  # Ray drops gauges not set for a while
         return out
 
     def _calibration(self) -> dict[str, float]:

@@ -23,6 +23,7 @@ from tests.serve.conftest import ROOT, _free_port, deploy
 pytestmark = pytest.mark.serve
 
 APP = "dash"
+LORAS = ("sql", "chat", "poet")  # the tiny adapters `make setup` writes
 CHART_DASHBOARDS = ROOT / "helm/kvpilot/dashboards"
 
 
@@ -60,11 +61,20 @@ def prometheus(serve_instance, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded_stack(serve_instance, prometheus):
-    """One model with autoscaling bounds (so the autoscaler exports) under a mixed load for ~30 s."""
+    """One model with autoscaling bounds (so the autoscaler exports) under a mixed load for ~30 s.
+
+    A quarter of the requests each name one of three LoRA adapters; the engine caches two
+    (``max_cpu_loras``), so the rotation loads and evicts adapters for the LoRA panels. A last
+    burst of long generations asks for more KV than the engine has (~10k tokens): preemptions.
+    Every series comes from this stack, not from what an earlier module left in Ray's exporter.
+    """
+    adapters = ROOT / ".fixtures/tiny-lora"
     deploy({"models": [{
         "name": "tiny", "source": str(ROOT / ".fixtures/tiny-none"), "dtype": "float16", "accelerator": "cpu",
-        "cpu_kv_cache_space_gib": 1, "max_model_len": 1024, "max_num_seqs": 16, "min_replicas": 1, "max_replicas": 2,
-        "autoscaling": {"metrics_interval_s": 1, "downscale_delay_s": 600},
+        "cpu_kv_cache_space_gib": 0.01, "max_model_len": 1024, "max_num_seqs": 16, "min_replicas": 1,
+        "max_replicas": 2, "autoscaling": {"metrics_interval_s": 1, "downscale_delay_s": 600},
+        "lora": {"adapters": {name: str(adapters / name) for name in LORAS}, "max_loras": 1, "max_cpu_loras": 2,
+                 "max_lora_rank": 16},
     }]}, APP, f"/{APP}")
     url = f"{serve_instance}/{APP}/v1"
 
@@ -73,7 +83,8 @@ def loaded_stack(serve_instance, prometheus):
         shared = list(range(20, 20 + 256))  # two CPU KV blocks shared by every prompt
 
         async def one(i: int):
-            await client.completions.create(model="tiny", prompt=shared + [300 + i % 100] * 20, max_tokens=32,
+            model = "tiny" if i % 4 == 0 else LORAS[i % 4 - 1]
+            await client.completions.create(model=model, prompt=shared + [300 + i % 100] * 20, max_tokens=32,
                                             extra_body={"ignore_eos": True})
 
         deadline = time.monotonic() + 30
@@ -81,6 +92,8 @@ def loaded_stack(serve_instance, prometheus):
         while time.monotonic() < deadline:
             await asyncio.gather(*(one(i + k) for k in range(8)))
             i += 8
+        await asyncio.gather(*(client.completions.create(  # 16 x 900 tokens on ~10k of KV
+            model="tiny", prompt=[7 + k] * 300, max_tokens=600, extra_body={"ignore_eos": True}) for k in range(16)))
 
     asyncio.run(load())
     httpx.post(f"{url}/completions", json={"model": "nope", "prompt": "x"})  # an error for the error panels
