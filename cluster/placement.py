@@ -12,7 +12,7 @@ Pure: no Ray import, so tests check placement without starting anything.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from cluster.config import ModelConfig
 from cluster.hardware import get_accelerator
@@ -67,6 +67,12 @@ def graceful_shutdown_s(cfg: ModelConfig) -> int:
     """
     drain_ms = longest_generation_tokens(cfg) * DRAIN_MS_PER_TOKEN
     return -(-drain_ms // 1000) + DRAIN_MARGIN_S
+
+
+def ingress_options(models: Sequence[ModelConfig]) -> dict[str, int]:
+    """The ingress relays every stream, so a stopping ingress replica (an upgrade, a scale-down)
+    waits as long as the longest model drain; Serve's default of 20 s would cut long streams."""
+    return {"graceful_shutdown_timeout_s": max(graceful_shutdown_s(m) for m in models)}
 
 
 def cpu_threads_bind(cfg: ModelConfig) -> str:

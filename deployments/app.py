@@ -14,7 +14,7 @@ from ray.serve import Application
 from rich.console import Console
 
 from cluster.config import ClusterConfig, ConfigError
-from cluster.placement import deployment_options
+from cluster.placement import deployment_options, ingress_options
 from cluster.plan_report import render_plan
 from cluster.planner import plan_model
 from deployments.engine import ModelServer
@@ -56,4 +56,4 @@ def build_app(args: dict[str, Any]) -> Application:
         .bind(m, plans[m.name].per_gpu.kv_cache_bytes)
         for m in cfg.models
     }
-    return Ingress.bind(handles, cfg.models, cfg.ingress)
+    return Ingress.options(**ingress_options(cfg.models)).bind(handles, cfg.models, cfg.ingress)

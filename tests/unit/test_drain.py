@@ -1,7 +1,7 @@
 """A stopping replica gets as long as its longest allowed stream takes (cluster.placement.graceful_shutdown_s)."""
 
 from cluster.config import ModelConfig
-from cluster.placement import DRAIN_MARGIN_S, DRAIN_MS_PER_TOKEN, deployment_options, graceful_shutdown_s
+from cluster.placement import DRAIN_MARGIN_S, DRAIN_MS_PER_TOKEN, deployment_options, graceful_shutdown_s, ingress_options
 
 
 def _model(**kw) -> ModelConfig:
@@ -27,3 +27,9 @@ def test_a_smaller_max_tokens_limit_shortens_the_drain():
 def test_without_max_model_len_the_checkpoint_context_bounds_it():
     # Llama-2-70B was trained for 4096 positions.
     assert graceful_shutdown_s(_model(max_model_len=None)) == 440
+
+
+def test_the_ingress_drains_as_long_as_the_longest_model():
+    # It relays every model's streams: Serve's default 20 s would cut a long one at an upgrade.
+    models = [_model(), _model(name="short", limits={"max_tokens": 1000})]
+    assert ingress_options(models) == {"graceful_shutdown_timeout_s": 440}
