@@ -32,6 +32,19 @@ class RoutingRequest:
     adapter: str | None = None  # the LoRA adapter the request runs with (None: the base model)
 
 
+@dataclass(frozen=True, slots=True)
+class LoraRequestsInfo:
+    """A replica's last ``vllm:lora_requests_info``: adapters with requests running / waiting, and its slots.
+
+    What vLLM exports per engine (labels ``running_lora_adapters``, ``waiting_lora_adapters``,
+    ``max_lora``) and what llm-d's and AIBrix's LoRA routing read; the simulator reports it.
+    """
+
+    running: frozenset[str] = frozenset()
+    waiting: frozenset[str] = frozenset()
+    max_lora: int = 0
+
+
 @dataclass(slots=True)
 class ReplicaLoad:
     replica_id: str
@@ -44,6 +57,7 @@ class ReplicaLoad:
     cached_blocks: int = 0  # leading blocks of this request's prompt cached there (prefix index)
     index_blocks: int = 0  # blocks the prefix index believes the replica holds
     has_adapter: bool = False  # the request's LoRA adapter is loaded there (report or ledger); False without one
+    lora_info: LoraRequestsInfo | None = None  # the replica's last LoRA report (None: none)
 
 
 @dataclass(slots=True)
@@ -65,6 +79,7 @@ class Candidates:
     cached_blocks: Sequence[int]
     index_blocks: Sequence[int]
     has_adapter: Sequence[bool]
+    lora_info: Sequence[LoraRequestsInfo | None]
 
     @classmethod
     def of(cls, replicas: Sequence[ReplicaLoad]) -> Candidates:
@@ -288,12 +303,14 @@ def block_hashes(token_ids: Sequence[int], block_tokens: int = BLOCK_TOKENS, par
 def candidates(replica_ids: Sequence[str], ledger: Ledger, kv_cache_usage: Sequence[float],
                num_running: Sequence[int], num_waiting: Sequence[int], kv_capacity_tokens: int | Sequence[int],
                index: PrefixIndex | None = None, block_hashes: Sequence[int] = (),
-               index_blocks: bool = True, has_adapter: Sequence[bool] | None = None) -> Candidates:
+               index_blocks: bool = True, has_adapter: Sequence[bool] | None = None,
+               lora_info: Sequence[LoraRequestsInfo | None] | None = None) -> Candidates:
     """The snapshot a policy ranks: the ledger's and the prefix index's columns beside the engines' last reports.
 
     ``index`` None (a policy that does not use the prefix index): no cached or index blocks;
     ``index_blocks`` False (``Policy.uses_index_blocks``): index blocks left 0, sparing a column.
-    ``has_adapter`` (per replica: the request's LoRA adapter is resident there) None: all False.
+    ``has_adapter`` (per replica: the request's LoRA adapter is resident there) None: all False;
+    ``lora_info`` (per replica: its last ``LoraRequestsInfo``) None: all None.
     """
     n = len(replica_ids)
     zeros = [0] * n
@@ -306,7 +323,8 @@ def candidates(replica_ids: Sequence[str], ledger: Ledger, kv_cache_usage: Seque
         sizes = index.sizes(replica_ids) if index_blocks else zeros
     return Candidates(replica_ids, list(map(ledger.requests.get, replica_ids, zeros)),
                       list(map(ledger.tokens.get, replica_ids, zeros)), kv_cache_usage, num_running, num_waiting,
-                      caps, cached, sizes, [False] * n if has_adapter is None else has_adapter)
+                      caps, cached, sizes, [False] * n if has_adapter is None else has_adapter,
+                      [None] * n if lora_info is None else lora_info)
 
 
 class AdapterLedger:
@@ -527,6 +545,9 @@ class KVPilot(Policy):
              + kv_penalty_tokens × (KV use after admission − kv_high), when that is positive
              + adapter_load_tokens            (a LoRA request on a replica that does not hold its
                                                adapter: the load delays its first token like a prefill)
+             + adapter_wait_s × drain rate    (a LoRA request on a replica whose ``max_loras`` slots are
+                                               all taken by other adapters it has in flight: vLLM
+                                               will not batch it until one of them drains)
 
     *Prefill owed* is this policy's own account: ``on_routed`` adds a request's uncached
     tokens to the queue of the replica it went to, and each queue drains at the replica's
@@ -553,6 +574,13 @@ class KVPilot(Policy):
     (no herding). The load is also queued as owed prefill on the replica that takes it
     (``adapters``: the router's ``AdapterLedger``, consulted before it records the request).
 
+    The slot term is a capacity, like KV: vLLM's scheduler admits a request only while the
+    running batch holds fewer than ``max_loras`` distinct adapters or already holds its own, so
+    a replica whose slots are all taken makes it wait until every request of one adapter there
+    has finished (about one answer's decode: seconds; ``adapter_wait_s``, an estimate, not a
+    measurement). This policy counts the adapters it has in flight per replica itself (fresh,
+    unlike the engines' reports); ``max_loras`` 0 (unknown) leaves the term out.
+
     ``prefill_tokens_per_s`` is an override: set, it is every replica's speed. Unset, each
     replica's is what it measured of its own engine (``set_prefill_rate``, fed by the live
     router from the replica's stats, ``cluster.calibration``), and ``PLAN_PREFILL_TOKENS_PER_S``
@@ -566,11 +594,16 @@ class KVPilot(Policy):
     def __init__(self, seed: int = 0, load_weight: float = 1.0, kv_high: float = 0.9,
                  kv_penalty_tokens: float = 1e6, block_tokens: int = BLOCK_TOKENS,
                  prefill_tokens_per_s: float | None = None, prefill_efficiency: float = 0.7,
-                 clock: Callable[[], float] | None = None, adapter_load_tokens: float = 512.0):
+                 clock: Callable[[], float] | None = None, adapter_load_tokens: float = 512.0,
+                 max_loras: int = 0, adapter_wait_s: float = 10.0):
         super().__init__(seed)
-        if adapter_load_tokens < 0:
-            raise ValueError(f"kvpilot: adapter_load_tokens ({adapter_load_tokens}) must be >= 0")
+        if adapter_load_tokens < 0 or max_loras < 0 or adapter_wait_s < 0:
+            raise ValueError(f"kvpilot: adapter_load_tokens ({adapter_load_tokens}), max_loras ({max_loras}) "
+                             f"and adapter_wait_s ({adapter_wait_s}) must be >= 0")
         self.adapter_load_tokens = adapter_load_tokens
+        self.max_loras = max_loras
+        self.adapter_wait_s = adapter_wait_s
+        self._lora_inflight: dict[str, dict[str, int]] = {}  # replica -> adapter -> its requests this policy has there
         self.adapters: AdapterLedger | None = None  # set by the router: which replicas hold which adapters
         self.prefill_override = prefill_tokens_per_s
         if prefill_tokens_per_s is None:
@@ -600,11 +633,25 @@ class KVPilot(Policy):
         lw = self.load_weight
         unaccounted = [t - m if t > m else 0 for t, m in zip(tifs, mine)]
         cost = [u + o + lw * x for u, o, x in zip(uncached, owed, unaccounted)]
-        if req.adapter is not None and self.adapter_load_tokens:
-            load = self.adapter_load_tokens
-            cost = [c if held else c + load for c, held in zip(cost, cands.has_adapter)]
+        if req.adapter is not None:
+            self._add_adapter_cost(cost, req.adapter, ids, cands.has_adapter)
         self._add_kv_penalty(cost, req, uncached, cands)
         return self._ordered(cost, cands.requests_in_flight, ids)
+
+    def _add_adapter_cost(self, cost: list[float], adapter: str, ids: Sequence[str], held: Sequence[bool]) -> None:
+        """The adapter's load where it is not resident, and the wait for a slot where all are taken by others."""
+        inflight = self._lora_inflight
+        load = self.adapter_load_tokens
+        for i, rid in enumerate(ids):
+            mine = inflight.get(rid)
+            if mine and adapter in mine:
+                continue  # batched with its own kind there: resident, and no slot to wait for
+            if load and not held[i]:
+                cost[i] += load
+            if self.max_loras:
+                free = self.max_loras - len(mine or ())
+                wait = self.adapter_wait_s * self._drain.get(rid, self.drain_rate)
+                cost[i] += wait if free <= 0 else wait / (free + 1)
 
     def set_prefill_rate(self, replica_id: str, tokens_per_s: float | None) -> tuple[float, str]:
         """The replica's measured prefill speed (None: not measured, or gone); returns (speed used, its source)."""
@@ -624,8 +671,17 @@ class KVPilot(Policy):
             owed += self.adapter_load_tokens  # the replica loads the adapter before this prefill
         self._empty_at[replica_id] = now + owed / self._drain.get(replica_id, self.drain_rate)
         self._mine[replica_id] = mine + req.prompt_tokens + req.max_tokens
+        if req.adapter is not None:
+            held = self._lora_inflight.setdefault(replica_id, {})
+            held[req.adapter] = held.get(req.adapter, 0) + 1
 
     def on_finished(self, req, replica_id):
+        held = self._lora_inflight.get(replica_id)
+        if req.adapter is not None and held and req.adapter in held:
+            if held[req.adapter] > 1:
+                held[req.adapter] -= 1
+            else:
+                del held[req.adapter]
         left = self._mine.get(replica_id, 0) - req.prompt_tokens - req.max_tokens
         if left > 0:
             self._mine[replica_id] = left
@@ -690,16 +746,19 @@ DEFAULT_POLICY = "kvpilot"
 
 
 def make_policy(name: str, params: dict[str, Any] | None = None, seed: int = 0,
-                block_tokens: int | None = None) -> Policy:
+                block_tokens: int | None = None, registry: dict[str, type[Policy]] | None = None) -> Policy:
     """Build a registered policy; unknown names and parameters are refused with the valid choices.
 
     ``block_tokens``: the block size the caller hashes prompts in (the plan's KV block: 16 on
     GPUs, 128 on CPUs). A policy that turns cached blocks into tokens gets it, so a cached
     block counts the tokens it holds; a ``params`` value that disagrees is refused.
+    ``registry``: where to look the name up (default ``POLICIES``, the live router's; the
+    simulator adds its simulator-only baselines).
     """
-    if name not in POLICIES:
-        raise ValueError(f"{name!r} is not a routing policy; choose one of {', '.join(POLICIES)}")
-    cls = POLICIES[name]
+    registry = POLICIES if registry is None else registry
+    if name not in registry:
+        raise ValueError(f"{name!r} is not a routing policy; choose one of {', '.join(registry)}")
+    cls = registry[name]
     params = dict(params or {})
     import inspect
 

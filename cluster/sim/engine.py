@@ -21,6 +21,14 @@ Follows ``vllm/v1/core/sched/scheduler.py`` and ``kv_cache_manager.py``:
   computed tokens (recompute) and goes back to the head of the waiting queue.
 * A step's duration comes from ``StepModel``; a request whose computed tokens
   reach its length samples one token at the end of the step.
+* With a ``LoraSpec`` (``cluster.sim.lora``), requests may name an adapter: a waiting
+  request whose adapter is not among the running requests' while those already number
+  ``max_loras`` is skipped (it keeps its place; later ones may go first), as vLLM's
+  scheduler does. (vLLM counts the adapters of the running requests scheduled in the step;
+  counting all running ones keeps every batch within ``max_loras`` even when the token budget
+  leaves a running request out, which vLLM asserts.) A step first loads its batch's
+  adapters that have no GPU slot (LRU among those the batch does not use) and, before that,
+  those not in host memory; the loads lengthen the step. Without one, nothing changes.
 
 Speed: a step in which every running request decodes and nothing waits is
 repeated ``k`` times at once (until the first request finishes or KV runs out),
@@ -34,6 +42,8 @@ from collections.abc import Callable
 from itertools import islice
 from math import ceil, sqrt
 
+from cluster.routing import LoraRequestsInfo
+from cluster.sim.lora import LoraSpec
 from cluster.sim.perfmodel import StepModel
 
 
@@ -43,10 +53,13 @@ def _drain(it) -> None:
 
 class SimRequest:
     __slots__ = ("index", "arrival", "prompt", "target", "hashes", "routing_tokens", "num_computed", "num_out",
-                 "keys", "first_t", "last_t", "finish_t", "cached_tokens", "admitted", "preemptions", "replica")
+                 "keys", "first_t", "last_t", "finish_t", "cached_tokens", "admitted", "preemptions", "replica",
+                 "adapter")
 
-    def __init__(self, index: int, arrival: float, prompt: int, target: int, hashes: tuple[int, ...]):
+    def __init__(self, index: int, arrival: float, prompt: int, target: int, hashes: tuple[int, ...],
+                 adapter: str | None = None):
         self.index = index
+        self.adapter = adapter  # the LoRA adapter it runs with (None: the base model)
         self.arrival = arrival
         self.prompt = prompt
         self.target = target  # output tokens to generate (the trace's output length; ignore_eos)
@@ -68,7 +81,8 @@ class Replica:
     """A vLLM engine's scheduler and KV cache; the cluster loop drives it with ``submit`` and ``end_step``."""
 
     def __init__(self, index: int, *, num_blocks: int, model: StepModel, block_size: int = 16,
-                 max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, enable_prefix_caching: bool = True):
+                 max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, enable_prefix_caching: bool = True,
+                 lora: LoraSpec | None = None):
         if num_blocks <= 0:
             raise ValueError(f"num_blocks: {num_blocks} must be > 0")
         self.index = index
@@ -98,6 +112,14 @@ class Replica:
         self.itl_values: list[float] = []  # one gap per token (weights: tokens sharing that gap)
         self.itl_weights: list[int] = []
         self.macro_itl: list[tuple[float, float, int, int]] = []  # (a, b, k, n): steps 1..k-1 of a macro
+        # LoRA (None: off)
+        self.lora = lora
+        self.gpu_loras: OrderedDict[str, None] = OrderedDict()  # adapters in GPU slots, least recently used first
+        self.cpu_loras: OrderedDict[str, None] = OrderedDict()  # adapters in host memory, likewise
+        self.lora_loads = 0  # adapters copied into a GPU slot
+        self.lora_disk_loads = 0  # of those, read from disk first
+        self.lora_load_s = 0.0  # seconds of steps spent loading
+        self.lora_batch_peak = 0  # most distinct adapters in one batch
 
     # --- KV cache ---------------------------------------------------------
 
@@ -219,8 +241,14 @@ class Replica:
             i += 1
         if not preempted:
             waiting = self.waiting
+            active = self._running_adapters() if self.lora is not None else None
+            skipped: list[SimRequest] = []
             while waiting and budget > 0 and len(running) < self.max_seqs:
                 req = waiting[0]
+                if active is not None and req.adapter is not None and req.adapter not in active \
+                        and len(active) >= self.lora.max_loras:
+                    skipped.append(waiting.popleft())  # one more adapter than the batch may hold: later
+                    continue
                 hit = self.cached_prefix_blocks(req) if self.prefix_caching else 0
                 computed = hit * b
                 n_new = min(req.prompt + req.num_out - computed, budget)
@@ -245,7 +273,62 @@ class Replica:
                 running.append(req)
                 sched.append((req, n_new))
                 budget -= n_new
+                if active is not None and req.adapter is not None:
+                    active.add(req.adapter)
+            if skipped:
+                waiting.extendleft(reversed(skipped))  # back at the head, in their order
         return sched, preempted
+
+    # --- LoRA ---------------------------------------------------------------
+
+    def _running_adapters(self) -> set[str]:
+        return {r.adapter for r in self.running if r.adapter is not None}
+
+    def _load_adapters(self, sched: list[tuple[SimRequest, int]]) -> float:
+        """Give the batch's adapters GPU slots (from host memory, or disk first); returns the seconds it takes."""
+        lora, gpu, cpu = self.lora, self.gpu_loras, self.cpu_loras
+        batch = {req.adapter for req, _ in sched if req.adapter is not None}
+        self.lora_batch_peak = max(self.lora_batch_peak, len(batch))
+        assert len(batch) <= lora.max_loras, f"a batch of {len(batch)} adapters (max_loras {lora.max_loras})"
+        seconds = 0.0
+        for name in sorted(batch):
+            if name in gpu:
+                gpu.move_to_end(name)
+                cpu.move_to_end(name)
+                continue
+            if name in cpu:
+                cpu.move_to_end(name)
+            else:
+                if len(cpu) >= lora.max_cpu_loras:
+                    self._evict_adapter(cpu, batch, also=gpu)
+                cpu[name] = None
+                seconds += lora.disk_load_s
+                self.lora_disk_loads += 1
+            if len(gpu) >= lora.max_loras:
+                self._evict_adapter(gpu, batch)
+            gpu[name] = None
+            seconds += lora.gpu_load_s
+            self.lora_loads += 1
+        self.lora_load_s += seconds
+        return seconds
+
+    @staticmethod
+    def _evict_adapter(lru: OrderedDict[str, None], keep: set[str], also: OrderedDict[str, None] | None = None) -> None:
+        """Drop the least recently used adapter the batch does not use (from host memory: from its GPU slot too)."""
+        victim = next(name for name in lru if name not in keep)
+        del lru[victim]
+        if also is not None:
+            also.pop(victim, None)
+
+    def resident_adapters(self) -> frozenset[str]:
+        """The adapters the engine holds (host memory; the GPU slots are among them): what a replica reports."""
+        return frozenset(self.cpu_loras)
+
+    def lora_requests_info(self) -> LoraRequestsInfo:
+        """vLLM's ``vllm:lora_requests_info``: adapters with running / waiting requests, and ``max_lora``."""
+        return LoraRequestsInfo(frozenset(self._running_adapters()),
+                                frozenset(r.adapter for r in self.waiting if r.adapter is not None),
+                                self.lora.max_loras if self.lora is not None else 0)
 
     def _duration(self, sched: list[tuple[SimRequest, int]]) -> tuple[float, bool]:
         """Seconds the step takes, and whether every scheduled request is a plain decode."""
@@ -271,6 +354,8 @@ class Replica:
         self._sched = sched
         self._macro = None
         self.t_start = now
+        if self.lora is not None:
+            now += self._load_adapters(sched)  # the step computes once its adapters are in place
         if all_decode and not preempted and not self.waiting and len(sched) == len(self.running):
             k = min(req.target - req.num_out for req, _ in sched)
             k = self._fit_blocks(sched, k)

@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from cluster.config import ModelConfig
 from cluster.planner import Plan, _batched_tokens, plan_model
 from cluster.hardware import get_accelerator
-from cluster.routing import POLICIES, Ledger, PrefixIndex, RoutingRequest, candidates, make_policy
+from cluster.routing import AdapterLedger, Ledger, LoraRequestsInfo, PrefixIndex, RoutingRequest, candidates, make_policy
+from cluster.routing_lora import SIM_POLICIES
 from cluster.sim.engine import Replica, SimRequest
+from cluster.sim.lora import LoraSpec
 from cluster.sim.metrics import SLO, PolicyResult, summarize
 from cluster.sim.perfmodel import StepModel, step_model_for
 from cluster.sim.workload import BLOCK_TOKENS as HASH_BLOCK_TOKENS, Workload
@@ -63,6 +65,7 @@ class Setup:
     seed: int = 0
     slo: SLO = field(default_factory=SLO)
     notes: list[str] = field(default_factory=list)
+    lora: LoraSpec | None = None  # LoRA on (requests may name adapters; cluster.sim.lora); None: off
 
     @property
     def num_blocks(self) -> int:
@@ -87,6 +90,7 @@ class Setup:
             "seed": self.seed,
             "slo": {"ttft_s": self.slo.ttft_s, "tpot_s": self.slo.tpot_s},
             "notes": self.notes,
+            **({"lora": self.lora.to_dict()} if self.lora is not None else {}),
         }
 
 
@@ -129,37 +133,49 @@ def _injected(name: str, params: dict | None, setup: Setup, clock: Callable[[], 
     """Parameters the simulator supplies to a policy that asks for them in its constructor.
 
     ``clock``: the simulated time (a live router passes ``time.monotonic``);
-    ``prefill_tokens_per_s``: the replica's prefill speed from the step model.
-    Values the caller gave win.
+    ``prefill_tokens_per_s``: the replica's prefill speed from the step model;
+    ``max_loras``: the replicas' adapter slots, with LoRA on (a live router reads the model's
+    ``lora.max_loras``). Values the caller gave win.
     """
-    accepted = inspect.signature(POLICIES[name].__init__).parameters if name in POLICIES else {}
+    accepted = inspect.signature(SIM_POLICIES[name].__init__).parameters if name in SIM_POLICIES else {}
     out = dict(params or {})
     if "clock" in accepted:
         out.setdefault("clock", clock)
     if "prefill_tokens_per_s" in accepted:
         out.setdefault("prefill_tokens_per_s", 1e3 / setup.step.c_prefill)
+    if "max_loras" in accepted and setup.lora is not None:
+        out.setdefault("max_loras", setup.lora.max_loras)
     return out
 
 
 def route(policy, tr, hashes: tuple[int, ...], rids: list[str], usage, running, waiting, ledger: Ledger,
-          index: PrefixIndex | None, cap_tokens: int) -> tuple[str, SimRequest]:
+          index: PrefixIndex | None, cap_tokens: int, adapters: AdapterLedger | None = None,
+          lora_info: list[LoraRequestsInfo] | None = None) -> tuple[str, SimRequest]:
     """One routing decision, as the live router makes it: the candidates' column snapshot (engine
     reports beside the router's ledger and prefix index), the policy's first choice, then the
-    router's own accounting of what it sent. ``index`` None: the policy does not use prefixes."""
-    rreq = RoutingRequest(prompt_tokens=tr.prompt_tokens, max_tokens=tr.output_tokens, block_hashes=hashes)
-    cands = candidates(rids, ledger, usage, running, waiting, cap_tokens, index, hashes, policy.uses_index_blocks)
+    router's own accounting of what it sent. ``index`` None: the policy does not use prefixes.
+    ``adapters`` / ``lora_info`` (LoRA on): the router's adapter ledger and the engines' last
+    LoRA reports; the ledger records the request after the policy's hook, as the live router's."""
+    adapter = tr.adapter
+    rreq = RoutingRequest(prompt_tokens=tr.prompt_tokens, max_tokens=tr.output_tokens, block_hashes=hashes,
+                          adapter=adapter)
+    held = adapters.column(rids, adapter) if adapters is not None and adapter is not None else None
+    cands = candidates(rids, ledger, usage, running, waiting, cap_tokens, index, hashes, policy.uses_index_blocks,
+                       has_adapter=held, lora_info=lora_info)
     choice = policy.rank_columns(rreq, cands)[0]
     policy.on_routed(rreq, choice, cands.cached_blocks[rids.index(choice)])
+    if adapters is not None:
+        adapters.routed(choice, adapter)
     ledger.sent(choice, tr.prompt_tokens + tr.output_tokens)
     if index is not None:
         index.insert(choice, hashes)
-    return choice, SimRequest(tr.index, tr.arrival_s, tr.prompt_tokens, tr.output_tokens, hashes)
+    return choice, SimRequest(tr.index, tr.arrival_s, tr.prompt_tokens, tr.output_tokens, hashes, adapter)
 
 
 def finished(policy, ledger: Ledger, rid: str, q: SimRequest) -> None:
     """A request ended on replica ``rid``: the router's ledger and the policy's hook, as the live router does."""
     ledger.finished(rid, q.routing_tokens)
-    policy.on_finished(RoutingRequest(prompt_tokens=q.prompt, max_tokens=q.target), rid)
+    policy.on_finished(RoutingRequest(prompt_tokens=q.prompt, max_tokens=q.target, adapter=q.adapter), rid)
 
 
 def simulate(workload: Workload, policy_name: str, setup: Setup, *, policy_params: dict | None = None,
@@ -182,11 +198,13 @@ def _simulate(workload: Workload, policy_name: str, setup: Setup, policy_params:
     wall0 = time.perf_counter()
     sim_now = [0.0]
     policy = make_policy(policy_name, _injected(policy_name, policy_params, setup, lambda: sim_now[0]),
-                         seed=setup.seed, block_tokens=HASH_BLOCK_TOKENS)
+                         seed=setup.seed, block_tokens=HASH_BLOCK_TOKENS, registry=SIM_POLICIES)
     n = setup.replicas
     reps = [Replica(i, num_blocks=setup.num_blocks, model=setup.step, block_size=setup.plan.block_size,
-                    max_num_batched_tokens=setup.max_num_batched_tokens, max_num_seqs=setup.max_num_seqs)
+                    max_num_batched_tokens=setup.max_num_batched_tokens, max_num_seqs=setup.max_num_seqs,
+                    lora=setup.lora)
             for i in range(n)]
+    lora = _LoraReports(setup, policy, reps, lambda: sim_now[0]) if setup.lora is not None else None
     rids = [f"replica-{i}" for i in range(n)]
     ledger = Ledger()
     index = PrefixIndex()
@@ -217,6 +235,8 @@ def _simulate(workload: Workload, policy_name: str, setup: Setup, policy_params:
                 u = rep.usage()
                 kv_peak = max(kv_peak, u)
                 snaps[i] = (u, len(rep.running), len(rep.waiting))
+                if lora is not None:
+                    lora.report(i)
                 heapq.heappush(heap, (t + period, 1, i, 0))
                 continue
             if ver != version[i]:
@@ -238,7 +258,12 @@ def _simulate(workload: Workload, policy_name: str, setup: Setup, policy_params:
         else:
             us = [rep.usage() for rep in reps]
             nrs, nws = [len(rep.running) for rep in reps], [len(rep.waiting) for rep in reps]
-        choice, sreq = route(policy, tr, hashes, rids, us, nrs, nws, ledger, index if uses_prefix else None, cap_tokens)
+        if lora is None:
+            choice, sreq = route(policy, tr, hashes, rids, us, nrs, nws, ledger, index if uses_prefix else None,
+                                 cap_tokens)
+        else:
+            choice, sreq = route(policy, tr, hashes, rids, us, nrs, nws, ledger, index if uses_prefix else None,
+                                 cap_tokens, lora.ledger, lora.infos(period <= 0))
         decision_us.append((time.perf_counter() - d0) * 1e6)
         i = int(choice.rsplit("-", 1)[1])
         sims.append(sreq)
@@ -256,3 +281,32 @@ def _simulate(workload: Workload, policy_name: str, setup: Setup, policy_params:
     result = summarize(policy_name, sims, reps, setup.slo, decision_us=decision_us,
                        wall_s=time.perf_counter() - wall0, kv_peak_frac=kv_peak)
     return result, sims, reps
+
+
+class _LoraReports:
+    """What the replicas tell the router about adapters, every stats period, as the live replicas do.
+
+    The adapters each engine holds go to the router's ``AdapterLedger`` (the policy's, like the
+    live router's ``adapters``); the engines' ``vllm:lora_requests_info`` goes to the snapshot's
+    ``lora_info`` column, which the peers' LoRA policies read.
+    """
+
+    def __init__(self, setup: Setup, policy, reps: list[Replica], clock: Callable[[], float]):
+        self.reps = reps
+        self.rids = [f"replica-{i}" for i in range(len(reps))]
+        self.ledger = AdapterLedger(clock=clock)
+        if hasattr(policy, "adapters"):
+            policy.adapters = self.ledger
+        self._info = [LoraRequestsInfo(max_lora=setup.lora.max_loras)] * len(reps)
+
+    def report(self, i: int) -> None:
+        rep = self.reps[i]
+        self.ledger.report(self.rids[i], rep.resident_adapters())
+        self._info[i] = rep.lora_requests_info()
+
+    def infos(self, fresh: bool) -> list[LoraRequestsInfo]:
+        """The last reports (``fresh``: the engines' state now, for a stats period of 0)."""
+        if fresh:
+            for i in range(len(self.reps)):
+                self.report(i)
+        return list(self._info)

@@ -46,6 +46,7 @@ class TraceRequest:
     output_tokens: int
     index: int
     chain_ids: tuple[int, ...] = ()  # Mooncake: interned id of each full shared 512-token prefix
+    adapter: str | None = None  # the LoRA adapter it names (None: the base model; cluster.sim.lora)
 
     def block_hashes(self) -> tuple[int, ...]:
         """Chained keys of the prompt's full 16-token blocks (what vLLM's prefix cache hashes)."""
