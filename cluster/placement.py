@@ -126,6 +126,8 @@ def _router_config(cfg: ModelConfig, kv_capacity_tokens: int, block_tokens: int)
             "kv_capacity_tokens": kv_capacity_tokens,
             "block_tokens": block_tokens,
             "max_index_blocks": cfg.routing.max_index_blocks,
+            # The engine's slots (batch, LoRA): a policy that prices the wait for one gets them.
+            "engine": {"max_num_seqs": cfg.max_num_seqs, "max_loras": cfg.lora.max_loras if cfg.lora else 0},
         },
         "request_routing_stats_period_s": cfg.routing.stats_period_s,
     }

@@ -548,6 +548,9 @@ class KVPilot(Policy):
              + adapter_wait_s × drain rate    (a LoRA request on a replica whose ``max_loras`` slots are
                                                all taken by other adapters it has in flight: vLLM
                                                will not batch it until one of them drains)
+             + answer_s / max_num_seqs × drain rate × requests to finish before this one starts
+                                              (the replica's batch is full: requests in flight there
+                                               at or beyond its ``max_num_seqs`` slots)
 
     *Prefill owed* is this policy's own account: ``on_routed`` adds a request's uncached
     tokens to the queue of the replica it went to, and each queue drains at the replica's
@@ -581,6 +584,14 @@ class KVPilot(Policy):
     measurement). This policy counts the adapters it has in flight per replica itself (fresh,
     unlike the engines' reports); ``max_loras`` 0 (unknown) leaves the term out.
 
+    The batch term is the same kind of capacity for the engine's slots: beyond ``max_num_seqs``
+    requests, a new one waits in the engine's queue until enough running ones finish, each
+    batch slot freeing about every ``answer_s / max_num_seqs`` (``answer_s``: about one answer's
+    decode, an estimate). Without it, a replica holding a hot prefix or adapter would take every
+    request of a burst while its queue grew (herding). The count is this policy's ledger of
+    requests in flight (fresh); ``max_num_seqs`` 0 (unknown; the simulator's default, so its
+    published tables predate the term) leaves it out.
+
     ``prefill_tokens_per_s`` is an override: set, it is every replica's speed. Unset, each
     replica's is what it measured of its own engine (``set_prefill_rate``, fed by the live
     router from the replica's stats, ``cluster.calibration``), and ``PLAN_PREFILL_TOKENS_PER_S``
@@ -595,11 +606,13 @@ class KVPilot(Policy):
                  kv_penalty_tokens: float = 1e6, block_tokens: int = BLOCK_TOKENS,
                  prefill_tokens_per_s: float | None = None, prefill_efficiency: float = 0.7,
                  clock: Callable[[], float] | None = None, adapter_load_tokens: float = 512.0,
-                 max_loras: int = 0, adapter_wait_s: float = 10.0):
+                 max_loras: int = 0, adapter_wait_s: float = 10.0, max_num_seqs: int = 0, answer_s: float = 10.0):
         super().__init__(seed)
-        if adapter_load_tokens < 0 or max_loras < 0 or adapter_wait_s < 0:
-            raise ValueError(f"kvpilot: adapter_load_tokens ({adapter_load_tokens}), max_loras ({max_loras}) "
-                             f"and adapter_wait_s ({adapter_wait_s}) must be >= 0")
+        if min(adapter_load_tokens, max_loras, adapter_wait_s, max_num_seqs, answer_s) < 0:
+            raise ValueError(f"kvpilot: adapter_load_tokens ({adapter_load_tokens}), max_loras ({max_loras}), "
+                             f"adapter_wait_s ({adapter_wait_s}), max_num_seqs ({max_num_seqs}) and answer_s "
+                             f"({answer_s}) must be >= 0")
+        self.max_num_seqs, self.answer_s = max_num_seqs, answer_s
         self.adapter_load_tokens = adapter_load_tokens
         self.max_loras = max_loras
         self.adapter_wait_s = adapter_wait_s
@@ -635,8 +648,18 @@ class KVPilot(Policy):
         cost = [u + o + lw * x for u, o, x in zip(uncached, owed, unaccounted)]
         if req.adapter is not None:
             self._add_adapter_cost(cost, req.adapter, ids, cands.has_adapter)
+        if self.max_num_seqs:
+            self._add_batch_wait(cost, ids, cands.requests_in_flight)
         self._add_kv_penalty(cost, req, uncached, cands)
         return self._ordered(cost, cands.requests_in_flight, ids)
+
+    def _add_batch_wait(self, cost: list[float], ids: Sequence[str], in_flight: Sequence[int]) -> None:
+        """Where the batch is full, the wait for enough running requests to finish before this one starts."""
+        per_slot_s = self.answer_s / self.max_num_seqs
+        for i, rid in enumerate(ids):
+            ahead = in_flight[i] - self.max_num_seqs + 1  # completions needed before this request runs
+            if ahead > 0:
+                cost[i] += ahead * per_slot_s * self._drain.get(rid, self.drain_rate)
 
     def _add_adapter_cost(self, cost: list[float], adapter: str, ids: Sequence[str], held: Sequence[bool]) -> None:
         """The adapter's load where it is not resident, and the wait for a slot where all are taken by others."""
@@ -746,7 +769,8 @@ DEFAULT_POLICY = "kvpilot"
 
 
 def make_policy(name: str, params: dict[str, Any] | None = None, seed: int = 0,
-                block_tokens: int | None = None, registry: dict[str, type[Policy]] | None = None) -> Policy:
+                block_tokens: int | None = None, registry: dict[str, type[Policy]] | None = None,
+                engine: dict[str, int] | None = None) -> Policy:
     """Build a registered policy; unknown names and parameters are refused with the valid choices.
 
     ``block_tokens``: the block size the caller hashes prompts in (the plan's KV block: 16 on
@@ -754,6 +778,8 @@ def make_policy(name: str, params: dict[str, Any] | None = None, seed: int = 0,
     block counts the tokens it holds; a ``params`` value that disagrees is refused.
     ``registry``: where to look the name up (default ``POLICIES``, the live router's; the
     simulator adds its simulator-only baselines).
+    ``engine``: the model's engine limits (``max_num_seqs``, ``max_loras``): a policy that takes
+    one gets it unless ``params`` sets it.
     """
     registry = POLICIES if registry is None else registry
     if name not in registry:
@@ -770,6 +796,9 @@ def make_policy(name: str, params: dict[str, Any] | None = None, seed: int = 0,
         if params.setdefault("block_tokens", block_tokens) != block_tokens:
             raise ValueError(f"block_tokens {params['block_tokens']!r} of policy {name!r} differs from the "
                              f"{block_tokens}-token blocks the router hashes prompts in")
+    for key, value in (engine or {}).items():
+        if key in accepted:
+            params.setdefault(key, value)
     return cls(seed=seed, **params)
 
 

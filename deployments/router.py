@@ -75,8 +75,9 @@ class KVPilotRouter(RequestRouter):
         block_tokens: int = 16,
         max_index_blocks: int = 1_000_000,
         seed: int = 0,
+        engine: dict[str, int] | None = None,
     ) -> None:
-        self._policy = make_policy(policy, params, seed, block_tokens=block_tokens)
+        self._policy = make_policy(policy, params, seed, block_tokens=block_tokens, engine=engine)
         self._policy_name = policy
         self._rec = Recorder(model=model, policy=policy)
         self._block_tokens = block_tokens

@@ -257,18 +257,7 @@ class Replica:
                 if -(-(computed + n_new) // b) - hit + evictable > self._free_blocks():
                     break
                 waiting.popleft()
-                ref, lru = self.ref, self.lru
-                for h in hit_keys:  # take the hit blocks (out of the free queue if nobody held them)
-                    if h in lru:
-                        del lru[h]
-                        ref[h] = 1
-                    else:
-                        ref[h] += 1
-                req.keys = list(hit_keys)
-                req.num_computed = computed
-                if not req.admitted:
-                    req.admitted = True
-                    req.cached_tokens = computed
+                self._admit(req, hit_keys, computed)
                 self._alloc(req, computed + n_new)
                 running.append(req)
                 sched.append((req, n_new))
@@ -278,6 +267,21 @@ class Replica:
             if skipped:
                 waiting.extendleft(reversed(skipped))  # back at the head, in their order
         return sched, preempted
+
+    def _admit(self, req: SimRequest, hit_keys: tuple[int, ...], computed: int) -> None:
+        """A waiting request joins the batch with its cached prefix blocks (out of the free queue if nobody held them)."""
+        ref, lru = self.ref, self.lru
+        for h in hit_keys:
+            if h in lru:
+                del lru[h]
+                ref[h] = 1
+            else:
+                ref[h] += 1
+        req.keys = list(hit_keys)
+        req.num_computed = computed
+        if not req.admitted:
+            req.admitted = True
+            req.cached_tokens = computed
 
     # --- LoRA ---------------------------------------------------------------
 

@@ -193,6 +193,20 @@ def simulate(workload: Workload, policy_name: str, setup: Setup, *, policy_param
             gc.enable()
 
 
+def _replicas(setup: Setup) -> list[Replica]:
+    return [Replica(i, num_blocks=setup.num_blocks, model=setup.step, block_size=setup.plan.block_size,
+                    max_num_batched_tokens=setup.max_num_batched_tokens, max_num_seqs=setup.max_num_seqs,
+                    lora=setup.lora)
+            for i in range(setup.replicas)]
+
+
+def _prefix_index(rids: list[str], num_blocks: int) -> PrefixIndex:
+    index = PrefixIndex()
+    for rid in rids:
+        index.set_capacity(rid, num_blocks)
+    return index
+
+
 def _simulate(workload: Workload, policy_name: str, setup: Setup, policy_params: dict | None,
               progress: Callable[[int], None] | None) -> tuple[PolicyResult, list[SimRequest], list[Replica]]:
     wall0 = time.perf_counter()
@@ -200,16 +214,11 @@ def _simulate(workload: Workload, policy_name: str, setup: Setup, policy_params:
     policy = make_policy(policy_name, _injected(policy_name, policy_params, setup, lambda: sim_now[0]),
                          seed=setup.seed, block_tokens=HASH_BLOCK_TOKENS, registry=SIM_POLICIES)
     n = setup.replicas
-    reps = [Replica(i, num_blocks=setup.num_blocks, model=setup.step, block_size=setup.plan.block_size,
-                    max_num_batched_tokens=setup.max_num_batched_tokens, max_num_seqs=setup.max_num_seqs,
-                    lora=setup.lora)
-            for i in range(n)]
+    reps = _replicas(setup)
     lora = _LoraReports(setup, policy, reps, lambda: sim_now[0]) if setup.lora is not None else None
     rids = [f"replica-{i}" for i in range(n)]
     ledger = Ledger()
-    index = PrefixIndex()
-    for rid in rids:
-        index.set_capacity(rid, setup.num_blocks)
+    index = _prefix_index(rids, setup.num_blocks)
     uses_prefix = policy.uses_prefix
     cap_tokens = setup.num_blocks * setup.plan.block_size
     period = setup.stats_period_s
@@ -258,12 +267,9 @@ def _simulate(workload: Workload, policy_name: str, setup: Setup, policy_params:
         else:
             us = [rep.usage() for rep in reps]
             nrs, nws = [len(rep.running) for rep in reps], [len(rep.waiting) for rep in reps]
-        if lora is None:
-            choice, sreq = route(policy, tr, hashes, rids, us, nrs, nws, ledger, index if uses_prefix else None,
-                                 cap_tokens)
-        else:
-            choice, sreq = route(policy, tr, hashes, rids, us, nrs, nws, ledger, index if uses_prefix else None,
-                                 cap_tokens, lora.ledger, lora.infos(period <= 0))
+        adapters = () if lora is None else (lora.ledger, lora.infos(period <= 0))
+        choice, sreq = route(policy, tr, hashes, rids, us, nrs, nws, ledger, index if uses_prefix else None,
+                             cap_tokens, *adapters)
         decision_us.append((time.perf_counter() - d0) * 1e6)
         i = int(choice.rsplit("-", 1)[1])
         sims.append(sreq)
@@ -276,8 +282,7 @@ def _simulate(workload: Workload, policy_name: str, setup: Setup, policy_params:
             progress(ai)
     if progress is not None:
         progress(total)
-    for rep in reps:
-        kv_peak = max(kv_peak, rep.usage())
+    kv_peak = max(kv_peak, *(rep.usage() for rep in reps))
     result = summarize(policy_name, sims, reps, setup.slo, decision_us=decision_us,
                        wall_s=time.perf_counter() - wall0, kv_peak_frac=kv_peak)
     return result, sims, reps

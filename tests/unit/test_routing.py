@@ -59,6 +59,21 @@ def test_kvpilot_weighs_cached_prefix_against_queued_work():
     assert p.rank(req, [_r("a", cached_blocks=64, tokens_in_flight=20_000), _r("b")])[0] == "b"
 
 
+def test_kvpilot_leaves_a_full_batch_for_a_free_slot_elsewhere():
+    req = _req(tokens=2048, shared=1024)
+    blind = make_policy("kvpilot")  # engine limits unknown (the simulator's default): no batch term
+    p = make_policy("kvpilot", engine={"max_num_seqs": 8, "unknown_fact": 1})  # what the live router passes
+    assert p.max_num_seqs == 8
+    # A free slot left: the cached prefix wins, as without the term.
+    assert p.rank(req, [_r("a", cached_blocks=64, requests_in_flight=7), _r("b")])[0] == "a"
+    # Batch full: the request would wait for a running answer to finish; a free slot elsewhere is sooner.
+    assert p.rank(req, [_r("a", cached_blocks=64, requests_in_flight=8), _r("b")])[0] == "b"
+    assert blind.rank(req, [_r("a", cached_blocks=64, requests_in_flight=12), _r("b")])[0] == "a"
+    # Both full: the shorter queue.
+    assert p.rank(req, [_r("a", cached_blocks=64, requests_in_flight=14), _r("b", requests_in_flight=9)])[0] == "b"
+    assert make_policy("kvpilot", {"max_num_seqs": 4}, engine={"max_num_seqs": 8}).max_num_seqs == 4  # params win
+
+
 def test_kvpilot_avoids_a_replica_whose_kv_cache_would_overflow():
     p = make_policy("kvpilot")
     req = _req(tokens=1000, max_tokens=1000)
