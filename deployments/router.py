@@ -89,6 +89,9 @@ class KVPilotRouter(RequestRouter):
             self._policy.adapters = self._adapters
         self._inflight: dict[str, tuple[str, RoutingRequest]] = {}  # internal request id → (replica, request)
         self._placing: OrderedDict[str, RoutingRequest] = OrderedDict()  # routing facts, hashed once per request
+        # Ranked but not yet routed: Serve ranks a burst's requests before any is acknowledged
+        # (on_request_routed comes after the replica accepts), so each counts where it was ranked first.
+        self._chosen: OrderedDict[str, str] = OrderedDict()  # internal request id → replica ranked first
         self._model = model
         self._facts: dict[str, tuple[Any, Any]] = {}  # replica -> (prefill speed, KV capacity) it last reported
         self._caps: dict[str, int] = {}  # replica -> its measured KV capacity in tokens
@@ -106,7 +109,18 @@ class KVPilotRouter(RequestRouter):
                 self._placing.popitem(last=False)
         return req
 
-    def _candidates(self, replicas: list[RunningReplica], req: RoutingRequest) -> Candidates:
+    def _with_chosen(self, rid: str) -> Ledger:
+        """The ledger plus the requests ranked but not yet routed (other than ``rid``) where they were ranked first."""
+        if not self._chosen:
+            return self._ledger
+        view = Ledger(dict(self._ledger.requests), dict(self._ledger.tokens))
+        for other, uid in self._chosen.items():
+            pending = self._placing.get(other)
+            if other != rid and pending is not None:
+                view.sent(uid, pending.prompt_tokens + pending.max_tokens)
+        return view
+
+    def _candidates(self, replicas: list[RunningReplica], req: RoutingRequest, rid: str = "") -> Candidates:
         ids = [r.replica_id.unique_id for r in replicas]
         stats = [r.routing_stats or {} for r in replicas]
         facts = self._facts
@@ -118,7 +132,7 @@ class KVPilotRouter(RequestRouter):
                 self._adapters.report(uid, s["adapters"])
         caps = self._capacity if not self._caps else [self._caps.get(uid, self._capacity) for uid in ids]
         return candidates(
-            ids, self._ledger,
+            ids, self._with_chosen(rid),
             kv_cache_usage=[float(s.get("kv_cache_usage", 0.0)) for s in stats],
             num_running=[int(s.get("num_running", 0)) for s in stats],
             num_waiting=[int(s.get("num_waiting", 0)) for s in stats],
@@ -153,18 +167,23 @@ class KVPilotRouter(RequestRouter):
             return [candidate_replicas]
         started = time.perf_counter()  # the decision's time includes hashing the prompt's blocks
         req = self._routing_request(pending_request)
+        rid = pending_request.metadata.internal_request_id
         if len(candidate_replicas) <= 1:  # nothing to rank, but the time is still the router's
             self._rec.observe(M.ROUTER_DECISION_SECONDS, time.perf_counter() - started)
             return [candidate_replicas]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        ranked = self._policy.rank_columns(req, self._candidates(candidate_replicas, req))
+        ranked = self._policy.rank_columns(req, self._candidates(candidate_replicas, req, rid))
         self._rec.observe(M.ROUTER_DECISION_SECONDS, time.perf_counter() - started)
+        self._chosen[rid] = ranked[0]
+        if len(self._chosen) > MAX_PLACING:
+            self._chosen.popitem(last=False)
         return [[by_id[uid]] for uid in ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         rid = pending_request.metadata.internal_request_id
         req = self._routing_request(pending_request)
         self._placing.pop(rid, None)
+        self._chosen.pop(rid, None)
         if rid in self._inflight:  # routed again under the same id: the earlier placement is over
             self._release(rid)
         uid = replica_id.unique_id
@@ -181,6 +200,7 @@ class KVPilotRouter(RequestRouter):
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._placing.pop(internal_request_id, None)
+        self._chosen.pop(internal_request_id, None)
         uid = self._release(internal_request_id)
         if uid is not None:
             self._rec.set(M.ROUTER_TOKENS_IN_FLIGHT, self._ledger.tokens.get(uid, 0), replica=uid)

@@ -315,3 +315,24 @@ def test_adapter_requests_without_reports_follow_the_routers_own_ledger():
     # equal prefill owed after the base request: the adapter's holder wins by the load it saves
     _route(router, p, other)
     assert _choose(router, replicas, _lora_pending("c2", "chat"))[0] == first
+
+
+def test_a_burst_ranked_before_any_routing_spreads_over_full_batches():
+    # Serve ranks a burst's requests before the first is acknowledged (on_request_routed comes
+    # after the replica accepts): each must see the ones ranked before it, or all go to one replica.
+    router = _router(policy="kvpilot", block_tokens=128, engine={"max_num_seqs": 2})
+    replicas = [_Replica(_ID("x")), _Replica(_ID("y"))]
+
+    def shared(rid: str) -> _Pending:  # one 128-token block every prompt shares, then its own tokens
+        return _Pending(args=[_Request(list(range(128)) + [1000 + len(rid)] * 8, 200)], kwargs={},
+                        metadata=SimpleNamespace(internal_request_id=rid))
+
+    _route(router, shared("warm"), "x")  # x holds the shared block: without the batch, all would go there
+    router.on_request_completed(_ID("x"), "warm")
+    pendings = [shared(f"b{i}") for i in range(8)]
+    firsts = [_choose(router, replicas, p)[0] for p in pendings]
+    assert firsts.count("x") >= 2 and firsts.count("y") >= 2, firsts
+    for p, uid in zip(pendings, firsts):  # routed where ranked: nothing left counted twice
+        _route(router, p, uid)
+    assert not router._chosen and router._with_chosen("") is router._ledger
+    assert sum(router._ledger.requests.values()) == 8
