@@ -7,10 +7,13 @@ arguments and the same adapter (greedy), run in a subprocess.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -139,3 +142,52 @@ def test_load_and_unload_at_run_time_admin_only(url, offline):
     assert _complete(url, "poet", PROMPTS[0]).status_code == 404
     r = httpx.post(f"{url}/v1/unload_lora_adapter", headers=admin, json={"lora_name": "poet"})
     assert r.status_code == 404
+
+
+def _adapter_requests(adapter: str) -> dict[str, float]:
+    """kvpilot_lora_requests_total per replica for one adapter, as Ray's metrics endpoint serves it now."""
+    port = os.environ["KVPILOT_TEST_METRICS_PORT"]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("ray_kvpilot_lora_requests_total{") and f'adapter="{adapter}"' in line:
+            replica = re.search(r'replica="([^"]+)"', line).group(1)
+            counts[replica] = counts.get(replica, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def _counted(adapter: str, total: int, timeout_s: float = 60) -> dict[str, float]:
+    """Wait until Ray exports ``total`` requests of ``adapter`` (it exports every few seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while sum((counts := _adapter_requests(adapter)).values()) < total and time.monotonic() < deadline:
+        time.sleep(1)
+    assert sum(counts.values()) == total, (counts, total)
+    return counts
+
+
+def test_an_adapter_stays_on_its_replica_until_that_replica_is_saturated(url):
+    """Loaded at run time, ``stick`` is held by one replica: one request at a time all go there;
+    a burst of long generations, more than its engine's 8 slots, spreads to the other replica."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    r = httpx.post(f"{url}/v1/load_lora_adapter", headers=admin, timeout=120,
+                   json={"lora_name": "stick", "lora_path": str(ADAPTERS / "poet")})
+    assert r.status_code == 200, r.text
+    time.sleep(3)  # the holder reports its adapters with its routing stats (every second)
+    for _ in range(8):
+        assert _complete(url, "stick", PROMPTS[0]).status_code == 200
+    alone = _counted("stick", 8)
+    assert len(alone) == 1, f"one request at a time went to more than one replica: {alone}"
+    holder = next(iter(alone))
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {USER_KEY}"}) as http:
+            rs = await asyncio.gather(*(http.post(f"{url}/v1/completions", json={
+                "model": "stick", "prompt": f"{PROMPTS[1]} {i}", "max_tokens": 200, "ignore_eos": True})
+                for i in range(24)))
+        return [r.status_code for r in rs]
+
+    assert asyncio.run(burst()) == [200] * 24
+    after = _counted("stick", 8 + 24)
+    print(f"stick: one at a time {alone}; after a burst of 24 {after}")
+    assert after[holder] - alone[holder] >= 8, after  # the holder filled its batch first
+    assert len(after) == 2, f"the burst stayed on the saturated holder: {after}"
