@@ -200,22 +200,7 @@ class VllmHttpApp:
         task = asyncio.get_running_loop().create_task(self._app(scope, receive, send), context=ctx)
         streamed = False
         try:
-            status, head, chunks, more = 500, [], [], True
-            while more:
-                message = await self._next(messages, task)
-                if message is None:  # the app ended without a complete response
-                    break
-                batch = [message]
-                while not messages.empty():
-                    batch.append(messages.get_nowait())
-                for m in batch:
-                    if m["type"] == "http.response.start":
-                        status, head = m["status"], [(k, v) for k, v in m.get("headers", ())]
-                    elif m["type"] == "http.response.body":
-                        chunks.append(m.get("body", b""))
-                        more = m.get("more_body", False)
-                if chunks or not more:
-                    break
+            status, head, chunks, more = await self._response_start(messages, task)
             self._exit_if_engine_dead()  # before anything reaches the client: the ingress resubmits
             yield {"status": status, "headers": head, "body": b"".join(chunks), "more": more}
             streamed = more
@@ -258,6 +243,26 @@ class VllmHttpApp:
         ids = await self._engine.list_loras()
         models = self._app.state.openai_serving_models
         return sorted(n for n, r in models.lora_requests.items() if r.lora_int_id in ids)
+
+    async def _response_start(self, messages: asyncio.Queue, task: asyncio.Task) -> tuple[int, list, list, bool]:
+        """Status, headers and the first body bytes (a stream's first event); ``more``: a body follows."""
+        status, head, chunks, more = 500, [], [], True
+        while more:
+            message = await self._next(messages, task)
+            if message is None:  # the app ended without a complete response
+                break
+            batch = [message]
+            while not messages.empty():
+                batch.append(messages.get_nowait())
+            for m in batch:
+                if m["type"] == "http.response.start":
+                    status, head = m["status"], [(k, v) for k, v in m.get("headers", ())]
+                elif m["type"] == "http.response.body":
+                    chunks.append(m.get("body", b""))
+                    more = m.get("more_body", False)
+            if chunks or not more:
+                break
+        return status, head, chunks, more
 
     @staticmethod
     async def _next(messages: asyncio.Queue, task: asyncio.Task) -> dict[str, Any] | None:
