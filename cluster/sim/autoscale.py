@@ -1,6 +1,7 @@
 """Autoscaling in the simulator: a replica set that grows and shrinks under a scaling policy.
 
-The cluster loop of ``simulator.py`` with a changing replica set:
+The cluster loop of ``cluster.py`` (``SimCluster``) with a changing replica set, autoscaling being
+its periodic handler (``ScalingLoop``):
 
 * Every ``period_s`` of simulated time (default 1 s) the autoscaler sees fresh
   per-replica signals of the *routable* replicas (KV usage, running, waiting,
@@ -55,9 +56,7 @@ on the Azure conversation trace; ``kvpilot`` runs on its shipped defaults.
 from __future__ import annotations
 
 import gc
-import heapq
 import math
-import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -65,11 +64,10 @@ from dataclasses import dataclass, field
 
 from cluster.autoscaling import ReplicaSignals, ScalerState, ScalingInput, decide
 from cluster.config import AutoscalingConfig
-from cluster.routing import Ledger, PrefixIndex, make_policy
-from cluster.sim.engine import Replica, SimRequest
+from cluster.sim.cluster import READY, STARTING, STOPPED, SimCluster
 from cluster.sim.metrics import PolicyResult, summarize
-from cluster.sim.simulator import Setup, _injected, finished, route
-from cluster.sim.workload import BLOCK_TOKENS as HASH_BLOCK_TOKENS, Workload
+from cluster.sim.simulator import Setup
+from cluster.sim.workload import Workload
 
 DEFAULT_PERIOD_S = 1.0
 # Start-up of a new replica = weights read + engine warm-up. Weights (the planner's figure for
@@ -312,18 +310,6 @@ class AutoscaleResult:
         return out
 
 
-class _Rep:
-    __slots__ = ("i", "rid", "eng", "launched", "ready_t", "stop_t", "state", "last_tokens", "last_t", "last_gen")
-
-    def __init__(self, i: int, eng: Replica, launched: float, ready_t: float, state: str):
-        self.i, self.rid, self.eng = i, f"replica-{i}", eng
-        self.launched, self.ready_t, self.stop_t, self.state = launched, ready_t, None, state
-        self.last_tokens, self.last_t, self.last_gen = 0, launched, 0
-
-
-_STEP, _STATS, _READY, _TICK = 0, 1, 2, 3  # event kinds; at equal times in this order
-
-
 def simulate_autoscale(workload: Workload, autoscaler: str | Autoscaler, setup: Setup, *, min_replicas: int, max_replicas: int,
                        startup_s: float, initial_replicas: int | None = None, period_s: float = DEFAULT_PERIOD_S,
                        routing: str = "kvpilot",
@@ -356,183 +342,94 @@ def simulate_autoscale(workload: Workload, autoscaler: str | Autoscaler, setup: 
 
 
 def _run(workload: Workload, scaler: Autoscaler, setup: Setup, lo: int, hi: int, initial: int, startup_s: float,
-         period_s: float,
-         routing: str, routing_params: dict | None, progress: Callable[[int], None] | None) -> AutoscaleResult:
-    wall0 = time.perf_counter()
-    sim_now = [0.0]
-    policy = make_policy(routing, _injected(routing, routing_params, setup, lambda: sim_now[0]), seed=setup.seed,
-                         block_tokens=HASH_BLOCK_TOKENS)
-    uses_prefix = policy.uses_prefix
-    cap_tokens = setup.num_blocks * setup.plan.block_size
-    stats_period = setup.stats_period_s
-    rng = random.Random(setup.seed)
-    ledger, index = Ledger(), PrefixIndex()
-    reps: list[_Rep] = []
-    snaps: dict[int, tuple[float, int, int]] = {}
-    version: list[int] = []
-    heap: list[tuple[float, int, int, int]] = []
-    routable: list[_Rep] = []
-    timeline: list[tuple[float, int, int, int]] = []
-    decisions: dict[str, int] = {}
-    counts = {"up": 0, "down": 0}
-
-    def new_replica(now: float, ready_at: float) -> _Rep:
-        eng = Replica(len(reps), num_blocks=setup.num_blocks, model=setup.step, block_size=setup.plan.block_size,
-                      max_num_batched_tokens=setup.max_num_batched_tokens, max_num_seqs=setup.max_num_seqs)
-        r = _Rep(len(reps), eng, now, ready_at, "starting")
-        reps.append(r)
-        version.append(0)
-        index.set_capacity(r.rid, setup.num_blocks)
-        if ready_at <= now:
-            make_ready(r, now)
-        else:
-            heapq.heappush(heap, (ready_at, _READY, r.i, 0))
-        return r
-
-    def make_ready(r: _Rep, now: float) -> None:
-        r.state = "ready"
-        r.last_t, r.last_tokens, r.last_gen = now, r.eng.tokens_processed, r.eng.tokens_generated
-        snaps[r.i] = (0.0, 0, 0)
-        routable.append(r)
-        if stats_period > 0:
-            heapq.heappush(heap, (now + rng.uniform(0, stats_period), _STATS, r.i, 0))
-
-    def stop(r: _Rep, now: float) -> None:
-        r.state, r.stop_t = "stopped", now
-
-    def record(now: float, final: bool = False) -> None:
-        billed = sum(1 for r in reps if r.state != "stopped")
-        target = sum(1 for r in reps if r.state in ("starting", "ready"))
-        row = (now, billed, len(routable), target)
-        if timeline and timeline[-1][1:] == row[1:] and not final:
-            return
-        if timeline and timeline[-1][0] == now:
-            timeline[-1] = row
-        else:
-            timeline.append(row)
-
-    def apply(desired: int, now: float) -> None:
-        desired = min(max(desired, lo), hi)
-        starting = [r for r in reps if r.state == "starting"]
-        target = len(starting) + len(routable)
-        if desired > target:
-            counts["up"] += 1
-            for _ in range(desired - target):
-                new_replica(now, now + startup_s)
-        elif desired < target:
-            counts["down"] += 1
-            drop = target - desired
-            for r in reversed(starting):  # cancel the newest starting replicas first
-                if drop == 0:
-                    break
-                stop(r, now)
-                drop -= 1
-            if drop:
-                victims = sorted(routable, key=lambda r: (ledger.requests.get(r.rid, 0), -r.i))[:drop]
-                for r in victims:
-                    routable.remove(r)
-                    if ledger.requests.get(r.rid, 0) == 0:
-                        stop(r, now)
-                    else:
-                        r.state = "draining"
-        record(now)
-
+         period_s: float, routing: str, routing_params: dict | None,
+         progress: Callable[[int], None] | None) -> AutoscaleResult:
+    started = time.perf_counter()
+    loop = ScalingLoop(scaler, lo, hi, startup_s, period_s)
+    cluster = SimCluster(setup, routing, routing_params, periodic=loop)
     for _ in range(initial):
-        new_replica(0.0, 0.0)
-    record(0.0)
-    heapq.heappush(heap, (0.0, _TICK, -1, 0))
-    reqs = workload.requests
-    sims: list[SimRequest] = []
-    decision_us: list[float] = []
-    outstanding, ai, total = 0, 0, len(reqs)
-    kv_peak, now = 0.0, 0.0
-    inf = float("inf")
-    while ai < total or outstanding:
-        t_arr = reqs[ai].arrival_s if ai < total else inf
-        if heap and heap[0][0] <= t_arr:
-            t, kind, i, ver = heapq.heappop(heap)
-            now = t
-            if kind == _TICK:
-                sigs, ongoing = [], 0.0
-                for r in routable:
-                    e = r.eng
-                    dt = t - r.last_t
-                    rate = (e.tokens_processed - r.last_tokens) / dt if dt > 0 else 0.0
-                    gen = (e.tokens_generated - r.last_gen) / dt if dt > 0 else 0.0
-                    r.last_t, r.last_tokens, r.last_gen = t, e.tokens_processed, e.tokens_generated
-                    sigs.append(ReplicaSignals(e.usage(), float(len(e.running)), float(len(e.waiting)), rate,
-                                               generation_rate=gen))
-                    ongoing += ledger.requests.get(r.rid, 0)
-                target = sum(1 for r in reps if r.state == "starting") + len(routable)
-                obs = Observation(t, len(routable), target, tuple(sigs), ongoing, 0.0, lo, hi)
-                desired, kind_label = scaler(obs)
-                decisions[kind_label] = decisions.get(kind_label, 0) + 1
-                apply(desired, t)
-                heapq.heappush(heap, (t + period_s, _TICK, -1, 0))
-                continue
-            r = reps[i]
-            if kind == _READY:
-                if r.state == "starting":
-                    make_ready(r, t)
-                    record(t)
-                continue
-            if kind == _STATS:
-                if r.state != "ready":
-                    continue
-                u = r.eng.usage()
-                kv_peak = max(kv_peak, u)
-                snaps[i] = (u, len(r.eng.running), len(r.eng.waiting))
-                heapq.heappush(heap, (t + stats_period, _STATS, i, 0))
-                continue
-            if ver != version[i]:
-                continue
-            rep = r.eng
-            for q in rep.end_step(t):
-                finished(policy, ledger, r.rid, q)
-                outstanding -= 1
-            if rep.busy:
-                version[i] += 1
-                heapq.heappush(heap, (rep.t_end, _STEP, i, version[i]))
-            elif r.state == "draining" and ledger.requests.get(r.rid, 0) == 0:
-                stop(r, t)
-                record(t)
-            continue
-        tr = reqs[ai]
-        ai += 1
-        now = sim_now[0] = tr.arrival_s
-        hashes = tr.block_hashes()
-        d0 = time.perf_counter()
-        if stats_period > 0:
-            us, nrs, nws = zip(*(snaps[r.i] for r in routable))
-        else:
-            us = [r.eng.usage() for r in routable]
-            nrs, nws = [len(r.eng.running) for r in routable], [len(r.eng.waiting) for r in routable]
-        choice, sreq = route(policy, tr, hashes, [r.rid for r in routable], us, nrs, nws, ledger,
-                             index if uses_prefix else None, cap_tokens)  # as the simulator and live router do
-        decision_us.append((time.perf_counter() - d0) * 1e6)
-        i = int(choice.rsplit("-", 1)[1])
-        sims.append(sreq)
-        outstanding += 1
-        rep = reps[i].eng
-        if rep.submit(sreq, tr.arrival_s):
-            version[i] += 1
-            heapq.heappush(heap, (rep.t_end, _STEP, i, version[i]))
-        if progress is not None and ai % 256 == 0:
-            progress(ai)
-    if progress is not None:
-        progress(total)
-    end = now
-    for r in reps:
-        kv_peak = max(kv_peak, r.eng.usage())
-    record(end, final=True)
-    gpus = gpus_per_replica(setup)
-    gpu_s = sum((min(r.stop_t if r.stop_t is not None else end, end) - r.launched) for r in reps)
-    billed = [row[1] for row in timeline]
-    area = sum((b[0] - a[0]) * a[1] for a, b in zip(timeline, timeline[1:]))
-    serving = summarize(scaler.name, sims, [r.eng for r in reps], setup.slo, decision_us=decision_us,
-                        wall_s=time.perf_counter() - wall0, kv_peak_frac=kv_peak)
+        cluster.add_replica(0.0, 0.0)
+    loop.changed(cluster, 0.0)
+    cluster.run(workload.requests, progress)
+    end = cluster.now  # the last completion
+    loop.changed(cluster, end, final=True)
+    billed = [row[1] for row in loop.timeline]
+    area = sum((b[0] - a[0]) * a[1] for a, b in zip(loop.timeline, loop.timeline[1:]))
+    gpu_s = sum(min(end if slot.stopped_s is None else slot.stopped_s, end) - slot.requested_s
+                for slot in cluster.replicas)
+    serving = summarize(scaler.name, cluster.requests, [slot.engine for slot in cluster.replicas], setup.slo,
+                        decision_us=cluster.decision_us, wall_s=time.perf_counter() - started,
+                        kv_peak_frac=cluster.kv_peak)
     return AutoscaleResult(
-        autoscaler=scaler.name, params={k: v for k, v in scaler.params.items()}, serving=serving,
-        gpu_hours=gpu_s * gpus / 3600, replicas_min=min(billed), replicas_mean=area / end if end > 0 else billed[0],
-        replicas_max=max(billed), scale_ups=counts["up"], scale_downs=counts["down"], replicas_started=len(reps) - initial,
-        end_s=end, startup_s=startup_s, timeline=timeline, decisions=decisions)
+        autoscaler=scaler.name, params=dict(scaler.params), serving=serving,
+        gpu_hours=gpu_s * gpus_per_replica(setup) / 3600, replicas_min=min(billed),
+        replicas_mean=area / end if end > 0 else billed[0], replicas_max=max(billed),
+        scale_ups=loop.scale_ups, scale_downs=loop.scale_downs, replicas_started=len(cluster.replicas) - initial,
+        end_s=end, startup_s=startup_s, timeline=loop.timeline, decisions=loop.decisions)
+
+
+class ScalingLoop:
+    """Autoscaling as the cluster's periodic handler: every ``period_s`` observe the routable replicas,
+    ask the autoscaler, apply its answer; and the replica-count timeline, kept at every change."""
+
+    def __init__(self, scaler: Autoscaler, min_replicas: int, max_replicas: int, startup_s: float,
+                 period_s: float):
+        self.scaler, self.min_replicas, self.max_replicas = scaler, min_replicas, max_replicas
+        self.startup_s, self.period_s = startup_s, period_s
+        self.timeline: list[tuple[float, int, int, int]] = []  # (time, billed, routable, target)
+        self.decisions: dict[str, int] = {}
+        self.scale_ups = self.scale_downs = 0
+
+    def tick(self, cluster: SimCluster, now: float) -> None:
+        desired, kind = self.scaler(self._observe(cluster, now))
+        self.decisions[kind] = self.decisions.get(kind, 0) + 1
+        self._apply(cluster, min(max(desired, self.min_replicas), self.max_replicas), now)
+        self.changed(cluster, now)
+
+    def _observe(self, cluster: SimCluster, now: float) -> Observation:
+        """Fresh signals of the routable replicas; token rates are per second since the last tick."""
+        signals, ongoing = [], 0.0
+        for slot in cluster.routable:
+            engine = slot.engine
+            elapsed = now - slot.rate_since_s
+            rate = (engine.tokens_processed - slot.tokens_processed_then) / elapsed if elapsed > 0 else 0.0
+            generated = (engine.tokens_generated - slot.tokens_generated_then) / elapsed if elapsed > 0 else 0.0
+            slot.rate_since_s = now
+            slot.tokens_processed_then, slot.tokens_generated_then = engine.tokens_processed, engine.tokens_generated
+            signals.append(ReplicaSignals(engine.usage(), float(len(engine.running)), float(len(engine.waiting)),
+                                          rate, generation_rate=generated))
+            ongoing += slot.in_flight(cluster.ledger)
+        target = len(cluster.starting()) + len(cluster.routable)
+        return Observation(now, len(cluster.routable), target, tuple(signals), ongoing, 0.0, self.min_replicas,
+                           self.max_replicas)
+
+    def _apply(self, cluster: SimCluster, desired: int, now: float) -> None:
+        """Start replicas up to ``desired``, or remove down to it: the newest starting ones are cancelled
+        first, then the routable ones with the fewest requests in flight (the newest of equals) drain."""
+        starting = cluster.starting()
+        target = len(starting) + len(cluster.routable)
+        if desired > target:
+            self.scale_ups += 1
+            for _ in range(desired - target):
+                cluster.add_replica(now, now + self.startup_s)
+        elif desired < target:
+            self.scale_downs += 1
+            cancelled = starting[::-1][:target - desired]
+            for slot in cancelled:
+                cluster.cancel(slot, now)
+            drop = target - desired - len(cancelled)
+            victims = sorted(cluster.routable, key=lambda slot: (slot.in_flight(cluster.ledger), -slot.id))[:drop]
+            for slot in victims:
+                cluster.drain(slot, now)
+
+    def changed(self, cluster: SimCluster, now: float, final: bool = False) -> None:
+        """Add a timeline row if the counts changed (``final``: always; one row per time, the last)."""
+        billed = sum(1 for slot in cluster.replicas if slot.state != STOPPED)
+        target = sum(1 for slot in cluster.replicas if slot.state in (STARTING, READY))
+        row = (now, billed, len(cluster.routable), target)
+        if self.timeline and self.timeline[-1][1:] == row[1:] and not final:
+            return
+        if self.timeline and self.timeline[-1][0] == now:
+            self.timeline[-1] = row
+        else:
+            self.timeline.append(row)

@@ -31,13 +31,9 @@ ADAPTERS: dict[str, tuple[frozenset[str], str]] = {
 }
 
 MAX_FUNCTION_LINES = 60
-# Functions still over MAX_FUNCTION_LINES, with their length (def line to last line) when listed.
-# All are in files other work owns at the moment; split one and delete its line. A listed function
-# may shrink but not grow.
-LONG_FUNCTIONS: dict[str, int] = {
-    "cluster/sim/autoscale.py::_run": 181,
-    "cluster/sim/simulator.py::_simulate": 79,
-}
+# Functions allowed over MAX_FUNCTION_LINES, with their length (def line to last line) when listed.
+# None is left; the list may only shrink, so a long function is split into named helpers instead.
+LONG_FUNCTIONS: dict[str, int] = {}
 
 
 def _py_files(folder: str) -> list[Path]:
