@@ -15,6 +15,13 @@ from dataclasses import dataclass
 MIB = 2**20
 GIB = 2**30
 
+# The KV block (tokens) by accelerator kind: vLLM's default on CUDA, and on its CPU backend
+# (platforms/cpu.py). The plan pages the KV cache in it (``Accelerator.kv_block_size``); the
+# router hashes prompts and counts prefix hits in whole blocks of it; the simulator's replicas,
+# GPUs, page in the GPU's.
+GPU_BLOCK_SIZE = 16
+CPU_BLOCK_SIZE = 128
+
 # What a config may ask for: auto (what the checkpoint states), none, an online method (fp8,
 # bitsandbytes), or the checkpoint's own method. int8 is compressed-tensors W8A8 INT8 (kvpilot's old name).
 QUANTIZATIONS = (
@@ -68,6 +75,11 @@ class Accelerator:
     @property
     def is_gpu(self) -> bool:
         return self.compute_capability is not None
+
+    @property
+    def kv_block_size(self) -> int:
+        """vLLM's default KV block on this accelerator, in tokens."""
+        return GPU_BLOCK_SIZE if self.is_gpu else CPU_BLOCK_SIZE
 
 
 def _gpu(name: str, mib: int, cc: float, description: str, ray_type: str | None) -> Accelerator:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from cluster.config import ModelConfig
-from cluster.hardware import get_accelerator
+from cluster.hardware import GPU_BLOCK_SIZE, get_accelerator
 
 REPLICA_ACTOR_CPUS = 1  # the replica process: tokenization, streaming, the engine's front end
 # Seconds: a 70B engine needs minutes to load before its first health check.
@@ -89,7 +89,7 @@ ROUTER_CLASS = "deployments.router:KVPilotRouter"
 AUTOSCALER_CLASS = "deployments.autoscaling:KVPilotAutoscaler"
 
 
-def deployment_options(cfg: ModelConfig, kv_capacity_tokens: int = 0, block_tokens: int = 16) -> dict[str, Any]:
+def deployment_options(cfg: ModelConfig, kv_capacity_tokens: int = 0, block_tokens: int = GPU_BLOCK_SIZE) -> dict[str, Any]:
     """Ray Serve ``.options(...)`` for the model's deployment.
 
     ``kv_capacity_tokens`` and ``block_tokens`` come from the model's memory plan: the

@@ -29,9 +29,6 @@ from cluster.hub import TensorInfo
 from cluster.modelspec import ModelSpec, QuantSpec
 from cluster.weights import VOCAB_PADDING, config_tensors, drop_at_load, load_time_bytes, online_quant, rank_bytes
 
-GPU_BLOCK_SIZE = 16  # vLLM's default KV block size on CUDA
-CPU_BLOCK_SIZE = 128  # vLLM's default on the CPU backend (platforms/cpu.py)
-
 # Runtime memory outside torch tensors, and the CUDA-graph pool; rough figures
 # from vLLM's startup logs ("non-torch memory", "Graph capturing finished ...").
 NON_TORCH_BYTES = int(0.5 * GIB)  # CUDA context, cuBLAS workspace, allocator slack
@@ -304,7 +301,7 @@ def _kv_budget(cfg: ModelConfig, accel: Accelerator, weights: int, act: int, lor
             f"CPU: KV cache fixed at {cfg.cpu_kv_cache_space_gib} GiB per worker; weights and activations "
             "use host memory beside it"
         )
-        return CPU_BLOCK_SIZE, kv_budget, kv_budget, 0
+        return accel.kv_block_size, kv_budget, kv_budget, 0
     assert accel.memory_bytes is not None
     budget = int(cfg.gpu_memory_utilization * accel.memory_bytes)
     eager = bool(cfg.engine_kwargs.get("enforce_eager", False))
@@ -314,7 +311,7 @@ def _kv_budget(cfg: ModelConfig, accel: Accelerator, weights: int, act: int, lor
         + (", NCCL 0.25" if cfg.world_size > 1 else "")
         + (", CUDA graphs 0.50" if not eager else ", no CUDA graphs (enforce_eager)")
     )
-    return GPU_BLOCK_SIZE, budget, budget - weights - act - overhead - lora, overhead
+    return accel.kv_block_size, budget, budget - weights - act - overhead - lora, overhead
 
 
 def _lora_buffers(cfg: ModelConfig, spec: ModelSpec, dtype: str, tp: int, pp: int, per_token: int, on_gpu: bool,

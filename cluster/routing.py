@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-BLOCK_TOKENS = 16  # vLLM's GPU KV block: prefix reuse happens in whole blocks
+from cluster.hardware import GPU_BLOCK_SIZE as BLOCK_TOKENS  # vLLM's GPU KV block: prefix reuse happens in whole blocks
+
 # kvpilot's prefill speed for a replica that has not measured its own (the simulator's H100 figure
 # for Llama-2-70B TP=2): what a replica reports (cluster.calibration) replaces it.
 PLAN_PREFILL_TOKENS_PER_S = 6900.0

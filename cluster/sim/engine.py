@@ -42,6 +42,7 @@ from collections.abc import Callable
 from itertools import islice
 from math import ceil, sqrt
 
+from cluster.hardware import GPU_BLOCK_SIZE
 from cluster.routing import LoraRequestsInfo
 from cluster.sim.lora import LoraSpec
 from cluster.sim.perfmodel import StepModel
@@ -80,7 +81,7 @@ class SimRequest:
 class Replica:
     """A vLLM engine's scheduler and KV cache; the cluster loop drives it with ``submit`` and ``end_step``."""
 
-    def __init__(self, index: int, *, num_blocks: int, model: StepModel, block_size: int = 16,
+    def __init__(self, index: int, *, num_blocks: int, model: StepModel, block_size: int = GPU_BLOCK_SIZE,
                  max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, enable_prefix_caching: bool = True,
                  lora: LoraSpec | None = None):
         if num_blocks <= 0:

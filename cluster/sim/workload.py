@@ -32,7 +32,9 @@ from datetime import datetime
 from itertools import chain
 from pathlib import Path
 
-BLOCK_TOKENS = 16
+from cluster.hardware import GPU_BLOCK_SIZE
+
+BLOCK_TOKENS = GPU_BLOCK_SIZE  # the simulated replicas are GPUs: vLLM caches prefixes in blocks of this
 TRACE_BLOCK_TOKENS = 512  # Mooncake hashes prompts in 512-token blocks
 SUB_BLOCKS = TRACE_BLOCK_TOKENS // BLOCK_TOKENS
 UNIQUE_BASE = 1 << 40  # keys above this are unique to one request; Mooncake chain keys stay far below
