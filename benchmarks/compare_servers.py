@@ -62,7 +62,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cluster.bench.metrics import SLO  # noqa: E402
+from cluster.traces import SLO  # noqa: E402
 from cluster.bench.report import plot_cdfs, plot_timeline  # noqa: E402
 from cluster.bench.runner import BenchConfig, BenchResult, run_benchmark  # noqa: E402
 from cluster.bench.workload import build_workload  # noqa: E402

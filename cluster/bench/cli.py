@@ -105,7 +105,7 @@ def _server_model(ns: argparse.Namespace) -> tuple[str, int | None]:
 
 def build_from_args(ns: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
     """Flags → (BenchConfig, Workload, warm-up RequestSpecs). Raises ValueError naming a bad flag."""
-    from cluster.bench.metrics import SLO
+    from cluster.traces import SLO
     from cluster.bench.runner import BenchConfig
     from cluster.bench.workload import (
         DEFAULT_TOKEN_ID_RANGE,

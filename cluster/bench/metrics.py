@@ -22,13 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from cluster.traces import SLO, meets_slo, tpot_s
+
 DEFAULT_PERCENTILES = (50.0, 90.0, 95.0, 99.0)
-
-
-@dataclass(frozen=True)
-class SLO:
-    ttft_s: float = 2.0  # MLPerf server, Llama-2-70B: TTFT p99 2 s
-    tpot_s: float = 0.2  # and TPOT p99 200 ms
 
 
 @dataclass
@@ -57,19 +53,16 @@ class RequestRecord:
 
     @property
     def tpot_s(self) -> float | None:
-        if not self.ok or self.output_tokens is None or self.output_tokens < 2:
+        if not self.ok or self.output_tokens is None:
             return None
-        return (self.latency_s - self.ttft_s) / (self.output_tokens - 1)
+        return tpot_s(self.ttft_s, self.latency_s, self.output_tokens)
 
     @property
     def end_s(self) -> float | None:
         return None if self.latency_s is None else self.start_s + self.latency_s
 
     def meets(self, slo: SLO) -> bool:
-        if not self.ok:
-            return False
-        tpot = self.tpot_s
-        return self.ttft_s <= slo.ttft_s and (tpot is None or tpot <= slo.tpot_s)
+        return self.ok and meets_slo(self.ttft_s, self.tpot_s, slo)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

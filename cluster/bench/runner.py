@@ -25,8 +25,9 @@ import aiohttp
 
 from cluster.bench.arrivals import random_arrivals, trace_arrivals
 from cluster.bench.client import request_body, send_request
-from cluster.bench.metrics import DEFAULT_PERCENTILES, SLO, RequestRecord, summarize, throughput_timeline
+from cluster.bench.metrics import DEFAULT_PERCENTILES, RequestRecord, summarize, throughput_timeline
 from cluster.bench.workload import RequestSpec, Workload
+from cluster.traces import SLO
 
 MODES = ("concurrency", "rate", "trace")
 

@@ -13,22 +13,21 @@ Sources (``load_rows`` picks one from the file):
 * Synthetic: every request ``input_len`` prompt tokens and ``output_len`` output tokens.
 
 Lengths can be scaled down (by one factor for prompts, outputs and Mooncake's block
-size) so a long-context trace fits a small model; what is still too long is clipped the
-way ``cluster.sim.workload`` clips: the output keeps up to half of ``max_model_len``, the
-prompt loses its tail (keeping its shared head). ``Workload.scale`` says what was done.
+size) so a long-context trace fits a small model; what is still too long is clipped by
+``cluster.traces.clip``, the simulator's rule too (the output keeps up to half of
+``max_model_len``, the prompt loses its tail, keeping its shared head). Trace files are read by
+``cluster.traces``. ``Workload.scale`` says what was done.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
-TRACE_BLOCK_TOKENS = 512  # Mooncake hashes prompts in blocks of 512 tokens
+from cluster.traces import TRACE_BLOCK_TOKENS, Row, clip, read_rows
+
 # Token ids drawn for synthetic prompts when no tokenizer is given: valid in any vocabulary
 # of 480+ entries (the tiny fixtures' tokenizer has 491) and clear of the usual special ids (0-3).
 DEFAULT_TOKEN_ID_RANGE = (16, 480)
@@ -45,16 +44,6 @@ _WORDS = (
     "president team minute idea kid body information back parent face others level office door health person "
     "art war history party result change morning reason research girl guy moment air teacher force education"
 ).split()
-
-
-@dataclass(frozen=True)
-class Row:
-    """One request as a trace describes it, before scaling."""
-
-    input_len: int
-    output_len: int
-    timestamp_s: float | None = None
-    hash_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,42 +110,14 @@ class Workload:
 # --- reading traces ------------------------------------------------------------
 
 
-def detect_kind(path: str | Path) -> str:
-    """``azure``, ``length-table`` or ``mooncake``, from the file's first line."""
-    with open(path, encoding="utf-8") as f:
-        first = f.readline().strip()
-    if first.startswith("{"):
-        return "mooncake"
-    header = [h.strip() for h in first.split(",")]
-    if "TIMESTAMP" in header and "ContextTokens" in header:
-        return "azure"
-    if "num_prefill_tokens" in header and "num_decode_tokens" in header:
-        return "length-table"
-    raise ValueError(f"{path}: not a trace this benchmark reads (Azure CSV, length-table CSV, Mooncake JSONL); "
-                     f"first line {first[:80]!r}")
-
-
 def load_rows(path: str | Path, kind: str | None = None, seed: int = 0) -> tuple[str, list[Row]]:
-    """Every row of a trace file, in trace order (length tables: seeded random order)."""
-    kind = kind or detect_kind(path)
-    if kind == "mooncake":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    d = json.loads(line)
-                    rows.append(Row(int(d["input_length"]), int(d["output_length"]), d["timestamp"] / 1000.0,
-                                    tuple(int(h) for h in d["hash_ids"])))
-        return kind, rows
-    with open(path, newline="", encoding="utf-8") as f:
-        records = list(csv.DictReader(f))
-    if kind == "azure":
-        stamps = [datetime.fromisoformat(r["TIMESTAMP"].strip()[:26]).timestamp() for r in records]
-        return kind, [Row(int(r["ContextTokens"]), int(r["GeneratedTokens"]), t) for r, t in zip(records, stamps)]
+    """Every row of a trace file (``cluster.traces.read_rows``), in trace order (length tables:
+    a seeded random order, numpy's stream, so a bench run's rows do not depend on the simulator's)."""
+    kind, rows = read_rows(path, kind)
     if kind == "length-table":
-        order = np.random.default_rng([seed, _ORDER_STREAM]).permutation(len(records))
-        return kind, [Row(int(records[i]["num_prefill_tokens"]), int(records[i]["num_decode_tokens"])) for i in order]
-    raise ValueError(f"unknown trace kind {kind!r}")
+        order = np.random.default_rng([seed, _ORDER_STREAM]).permutation(len(rows))
+        rows = [rows[i] for i in order]
+    return kind, rows
 
 
 # --- scaling -------------------------------------------------------------------
@@ -169,14 +130,6 @@ def auto_scale_factor(rows: list[Row], max_model_len: int) -> float:
     totals = np.array([r.input_len + r.output_len for r in rows], dtype=float)
     q = float(np.quantile(totals, AUTO_SCALE_QUANTILE))
     return min(1.0, max_model_len / q) if q > 0 else 1.0
-
-
-def clip(input_len: int, output_len: int, max_model_len: int | None) -> tuple[int, int, bool]:
-    """Fit one request: the output keeps up to half the context, the prompt gives up its tail."""
-    if max_model_len is None or input_len + output_len <= max_model_len:
-        return input_len, output_len, False
-    out = max(1, min(output_len, max_model_len // 2))
-    return max(1, max_model_len - out), out, True
 
 
 # --- prompts -------------------------------------------------------------------

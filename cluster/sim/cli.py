@@ -18,10 +18,11 @@ from rich.table import Table
 from cluster.routing import POLICIES
 from cluster.sim.autoscale import (AUTOSCALERS, DEFAULT_PERIOD_S, LOAD_BYTES_PER_S, TUNED, WARMUP_S, AutoscaleResult,
                                    default_startup_s, simulate_autoscale)
-from cluster.sim.metrics import DEFAULT_TPOT_SLO_S, DEFAULT_TTFT_SLO_S, SLO, PolicyResult
+from cluster.sim.metrics import PolicyResult
 from cluster.sim.perfmodel import HBM_BYTES_PER_S
 from cluster.sim.simulator import DEFAULT_MAX_MODEL_LEN, DEFAULT_STATS_PERIOD_S, Setup, make_setup, simulate
 from cluster.sim.workload import Workload, load_trace
+from cluster.traces import DEFAULT_TPOT_SLO_S, DEFAULT_TTFT_SLO_S, SLO
 
 PROGRESS_MIN_REQUESTS = 2000  # below this a run takes about a second: no bar
 # Autoscale defaults, chosen for the Azure conversation trace at --time-scale 2 (11 req/s, 29 min):

@@ -10,6 +10,11 @@ lasting from the first arrival to the last completion (as vLLM's
 own prefix caches supplied at each request's first admission, over all prompt
 tokens. Load spread: coefficient of variation of the tokens each replica
 computed (prefill and decode).
+
+The SLO, TPOT and what meets the SLO are ``cluster.traces``'s, shared with the bench's
+summary (``cluster.bench.metrics``). Percentiles here are the lower empirical quantile (ITL
+weighted by the tokens sharing a gap); the bench's are numpy's linear interpolation, as
+vLLM's benchmark computes them from measured streams.
 """
 
 from __future__ import annotations
@@ -20,15 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from cluster.sim.engine import Replica, SimRequest
-
-DEFAULT_TTFT_SLO_S = 2.0  # MLPerf Inference server scenario, Llama-2-70B
-DEFAULT_TPOT_SLO_S = 0.2
-
-
-@dataclass(frozen=True)
-class SLO:
-    ttft_s: float = DEFAULT_TTFT_SLO_S
-    tpot_s: float = DEFAULT_TPOT_SLO_S
+from cluster.traces import SLO, meets_slo, tpot_s
 
 
 @dataclass
@@ -110,16 +107,14 @@ def summarize(policy: str, requests: Sequence[SimRequest], replicas: Sequence[Re
     duration = max(t1 - t0, 1e-9)
     ttft = np.array([r.first_t - r.arrival for r in done])
     e2e = np.array([r.finish_t - r.arrival for r in done])
-    multi = [r for r in done if r.target > 1]
-    tpot = np.array([(r.finish_t - r.first_t) / (r.target - 1) for r in multi])
-    tpot_all = np.array([(r.finish_t - r.first_t) / (r.target - 1) if r.target > 1 else 0.0 for r in done])
-    good = int(((ttft <= slo.ttft_s) & (tpot_all <= slo.tpot_s)).sum()) if done else 0
-    iv, iw = itl_samples(replicas)
+    tpots = [tpot_s(r.first_t, r.finish_t, r.target) for r in done]
+    tpot = np.array([t for t in tpots if t is not None])
+    good = sum(meets_slo(first, t, slo) for first, t in zip(ttft, tpots))
+    itl_values, itl_weights = itl_samples(replicas)
     tokens = np.array([r.tokens_processed for r in replicas], float)
     prompt = sum(r.prompt for r in done)
-    p = lambda a: weighted_percentiles(a, None, (50, 90, 99))  # noqa: E731
-    tt, tp, ee = p(ttft), p(tpot), p(e2e)
-    it = weighted_percentiles(iv, iw, (50, 90, 99))
+    tt, tp, ee = (weighted_percentiles(a, None, (50, 90, 99)) for a in (ttft, tpot, e2e))
+    it = weighted_percentiles(itl_values, itl_weights, (50, 90, 99))
     dec = weighted_percentiles(np.asarray(decision_us, float), None, (50, 99))
     return PolicyResult(
         policy=policy,

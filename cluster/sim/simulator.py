@@ -18,9 +18,10 @@ from cluster.hardware import get_accelerator
 from cluster.sim.cluster import SimCluster
 from cluster.sim.engine import Replica, SimRequest
 from cluster.sim.lora import LoraSpec
-from cluster.sim.metrics import SLO, PolicyResult, summarize
+from cluster.sim.metrics import PolicyResult, summarize
 from cluster.sim.perfmodel import StepModel, step_model_for
 from cluster.sim.workload import Workload
+from cluster.traces import SLO
 
 DEFAULT_STATS_PERIOD_S = 1.0
 DEFAULT_MAX_MODEL_LEN = 32768

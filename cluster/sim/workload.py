@@ -1,6 +1,6 @@
 """Request traces for the simulator: Mooncake, Azure, and length tables with synthetic arrivals.
 
-Every loader returns a ``Workload``: requests sorted by arrival (seconds from the
+The files are read by ``cluster.traces`` (the bench reads them there too). Every loader returns a ``Workload``: requests sorted by arrival (seconds from the
 first), each with its prompt and output lengths and a recipe for the chained
 hashes of its prompt's full 16-token KV blocks, so the simulated prefix cache
 shares exactly what the trace says is shared:
@@ -17,25 +17,22 @@ shares exactly what the trace says is shared:
   ``rate`` requests/s, unique blocks.
 
 ``time_scale`` X divides arrival times by X (X = 2 replays twice as fast).
-Requests longer than ``max_model_len`` are clipped: the output is kept (up to
-half the length), the prompt is cut to fit, keeping its head (and so its shared
-prefix); ``Workload.clipped`` says how many.
+Requests longer than ``max_model_len`` are clipped by ``cluster.traces.clip`` (the
+output keeps up to half the length, the prompt its head and so its shared prefix);
+``Workload.clipped`` says how many.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import random
 from dataclasses import dataclass, field
-from datetime import datetime
 from itertools import chain
 from pathlib import Path
 
 from cluster.hardware import GPU_BLOCK_SIZE
+from cluster.traces import TRACE_BLOCK_TOKENS, clip, detect_kind, read_rows
 
 BLOCK_TOKENS = GPU_BLOCK_SIZE  # the simulated replicas are GPUs: vLLM caches prefixes in blocks of this
-TRACE_BLOCK_TOKENS = 512  # Mooncake hashes prompts in 512-token blocks
 SUB_BLOCKS = TRACE_BLOCK_TOKENS // BLOCK_TOKENS
 UNIQUE_BASE = 1 << 40  # keys above this are unique to one request; Mooncake chain keys stay far below
 UNIQUE_STRIDE = 1 << 16  # blocks per request in the unique key space (about a million tokens)
@@ -86,15 +83,6 @@ class Workload:
         }
 
 
-def _clip(prompt: int, output: int, max_model_len: int | None) -> tuple[int, int, int]:
-    """(prompt, output, prompt tokens removed) so that prompt + output <= max_model_len."""
-    if not max_model_len or prompt + output <= max_model_len:
-        return prompt, output, 0
-    output = min(output, max_model_len // 2)
-    new_prompt = max(1, min(prompt, max_model_len - output))
-    return new_prompt, output, prompt - new_prompt
-
-
 def _finish(name: str, source: str, raw: list[tuple[float, int, int, tuple[int, ...]]], *, time_scale: float,
             max_requests: int | None, max_model_len: int | None, notes: list[str]) -> Workload:
     raw.sort(key=lambda r: r[0])
@@ -104,12 +92,13 @@ def _finish(name: str, source: str, raw: list[tuple[float, int, int, tuple[int, 
         raise ValueError(f"time_scale: {time_scale} must be > 0")
     t0 = raw[0][0] if raw else 0.0
     reqs, clipped, clipped_tokens = [], 0, 0
-    for i, (t, p, o, chain_ids) in enumerate(raw):
-        p2, o2, cut = _clip(max(1, p), max(1, o), max_model_len)
-        if (p2, o2) != (max(1, p), max(1, o)):
+    for i, (t, prompt, output, chain_ids) in enumerate(raw):
+        prompt, output = max(1, prompt), max(1, output)
+        fitted_prompt, fitted_output, was_clipped = clip(prompt, output, max_model_len)
+        if was_clipped:
             clipped += 1
-            clipped_tokens += cut
-        reqs.append(TraceRequest((t - t0) / time_scale, p2, o2, i, chain_ids))
+            clipped_tokens += prompt - fitted_prompt
+        reqs.append(TraceRequest((t - t0) / time_scale, fitted_prompt, fitted_output, i, chain_ids))
     if time_scale != 1:
         notes.append(f"arrival times divided by {time_scale:g} (--time-scale)")
     if clipped:
@@ -122,31 +111,21 @@ def load_mooncake(path: str | Path, *, time_scale: float = 1.0, max_requests: in
                   max_model_len: int | None = None) -> Workload:
     interned: dict[tuple[int, int], int] = {}
     raw = []
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            d = json.loads(line)
-            p = int(d["input_length"])
-            ids = d["hash_ids"]
-            full = min(len(ids), p // TRACE_BLOCK_TOKENS)  # a last partial 512-token block stays unique
-            parent, chain_ids = 0, []
-            for h in ids[:full]:
-                key = (parent, int(h))
-                parent = interned.get(key) or interned.setdefault(key, len(interned) + 1)
-                chain_ids.append(parent)
-            raw.append((float(d["timestamp"]) / 1e3, p, int(d["output_length"]), tuple(chain_ids)))
+    for row in read_rows(path, "mooncake")[1]:
+        full = min(len(row.hash_ids), row.input_len // TRACE_BLOCK_TOKENS)  # a last partial block stays unique
+        parent, chain_ids = 0, []
+        for hash_id in row.hash_ids[:full]:
+            key = (parent, hash_id)
+            parent = interned.get(key) or interned.setdefault(key, len(interned) + 1)
+            chain_ids.append(parent)
+        raw.append((row.timestamp_s, row.input_len, row.output_len, tuple(chain_ids)))
     return _finish(Path(path).stem, "mooncake", raw, time_scale=time_scale, max_requests=max_requests,
                    max_model_len=max_model_len, notes=[])
 
 
 def load_azure(path: str | Path, *, time_scale: float = 1.0, max_requests: int | None = None,
                max_model_len: int | None = None) -> Workload:
-    raw = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            t = datetime.fromisoformat(row["TIMESTAMP"][:26]).timestamp()
-            raw.append((t, int(row["ContextTokens"]), int(row["GeneratedTokens"]), ()))
+    raw = [(row.timestamp_s, row.input_len, row.output_len, ()) for row in read_rows(path, "azure")[1]]
     return _finish(Path(path).stem, "azure", raw, time_scale=time_scale, max_requests=max_requests,
                    max_model_len=max_model_len, notes=["no prefix information: every prompt block is unique"])
 
@@ -158,9 +137,8 @@ def load_length_table(path: str | Path, *, rate: float, cv: float = 1.0, seed: i
         raise ValueError(f"--rate: {rate} must be > 0 for a length table (it has no arrival times)")
     if cv <= 0:
         raise ValueError(f"--cv: {cv} must be > 0")
-    with open(path, newline="") as f:
-        lengths = [(int(r["num_prefill_tokens"]), int(r["num_decode_tokens"])) for r in csv.DictReader(f)]
-    rng = random.Random(seed)
+    lengths = [(row.input_len, row.output_len) for row in read_rows(path, "length-table")[1]]
+    rng = random.Random(seed)  # the simulator's row order (the bench orders rows with numpy's stream)
     rng.shuffle(lengths)
     if max_requests is not None:
         lengths = lengths[:max_requests]
@@ -182,17 +160,15 @@ def load_trace(path: str | Path, *, time_scale: float = 1.0, max_requests: int |
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--trace: {str(path)!r} is not a file")
-    with open(path) as f:
-        head = f.readline()
+    try:
+        kind = detect_kind(path)
+    except ValueError as e:
+        raise ValueError(f"--trace: {e}") from None
     kw = {"time_scale": time_scale, "max_requests": max_requests, "max_model_len": max_model_len}
-    if head.lstrip().startswith("{"):
+    if kind == "mooncake":
         return load_mooncake(path, **kw)
-    cols = [c.strip() for c in head.split(",")]
-    if "TIMESTAMP" in cols:
+    if kind == "azure":
         return load_azure(path, **kw)
-    if "num_prefill_tokens" in cols and "num_decode_tokens" in cols:
-        if rate is None:
-            raise ValueError(f"--rate: {path.name} is a length table without arrival times; give --rate REQ_PER_S")
-        return load_length_table(path, rate=rate, cv=cv, seed=seed, **kw)
-    raise ValueError(f"--trace: {path.name} is neither Mooncake JSON lines, an Azure CSV, nor a length table "
-                     "(num_prefill_tokens,num_decode_tokens)")
+    if rate is None:
+        raise ValueError(f"--rate: {path.name} is a length table without arrival times; give --rate REQ_PER_S")
+    return load_length_table(path, rate=rate, cv=cv, seed=seed, **kw)

@@ -16,9 +16,10 @@ from aiohttp import web
 
 from cluster.bench.arrivals import gamma_intervals, random_arrivals, trace_arrivals
 from cluster.bench.cli import add_bench_parser, build_from_args, run_bench
-from cluster.bench.metrics import SLO, RequestRecord, distribution, summarize, throughput_timeline
+from cluster.bench.metrics import RequestRecord, distribution, summarize, throughput_timeline
 from cluster.bench.runner import BenchConfig, run_benchmark
-from cluster.bench.workload import PromptSynth, build_workload, clip, detect_kind
+from cluster.bench.workload import PromptSynth, build_workload
+from cluster.traces import SLO, clip, detect_kind
 
 TRACES = Path(__file__).resolve().parents[2] / "benchmarks" / "traces"
 

@@ -10,10 +10,11 @@ from rich.console import Console
 from cluster.routing import POLICIES
 from cluster.sim.cli import add_simulate_parser, run_simulate
 from cluster.sim.engine import Replica, SimRequest, run_alone
-from cluster.sim.metrics import SLO, summarize
+from cluster.sim.metrics import summarize
 from cluster.sim.perfmodel import FitError, StepModel, fit_table, step_model_for
 from cluster.sim.simulator import make_setup, simulate
 from cluster.sim.workload import load_trace
+from cluster.traces import SLO
 
 TRACES = Path(__file__).resolve().parents[2] / "benchmarks" / "traces"
 MOONCAKE = TRACES / "mooncake_conversation_trace.jsonl"
