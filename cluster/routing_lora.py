@@ -115,9 +115,9 @@ class AIBrixLora(Policy):
             group = affinity if self.rng.random() < self.affinity_threshold else available
         else:
             group = affinity or available
-        rifs = cands.requests_in_flight
+        in_flight = cands.requests_in_flight
         if group:
-            first = min(group, key=lambda i: (rifs[i], self.rng.random()))
+            first = min(group, key=lambda i: (in_flight[i], self.rng.random()))
         else:
             first = self.rng.randrange(len(everyone))
         ids = cands.replica_id

@@ -26,8 +26,9 @@ from cluster.traces import DEFAULT_TPOT_SLO_S, DEFAULT_TTFT_SLO_S, SLO
 
 PROGRESS_MIN_REQUESTS = 2000  # below this a run takes about a second: no bar
 # Autoscale defaults, chosen for the Azure conversation trace at --time-scale 2 (11 req/s, 29 min):
-# demand there needs 2-3 replicas in the troughs and 5 at the peak (fixed 5: 99.9% SLO, fixed 4: 86%);
-# 4 replicas are ready at t = 0 (what the first minutes need), 12 at most.
+# demand there needs 2-3 replicas in the troughs and 5 at the peak (a fixed 5 meets the SLO:
+# benchmarks/results/fixed-replicas-20261201); 4 are ready at t = 0 (what the first minutes need)
+# and 12 at most leave room above the peak.
 AUTOSCALE_MIN, AUTOSCALE_MAX, AUTOSCALE_INITIAL = 2, 12, 4
 
 

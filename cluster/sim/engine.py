@@ -96,7 +96,7 @@ class Replica:
         self.free_plain = num_blocks  # never-used blocks
         self.lru: OrderedDict[int, None] = OrderedDict()  # free blocks that still hold a key, oldest first
         self.ref: dict[int, int] = {}  # key -> requests holding the block
-        self._uniq = 0  # negative keys: blocks no other request can hit (decode, partial, duplicates)
+        self._last_unique_key = 0  # negative keys: blocks no other request can hit (decode, partial, duplicates)
         self.running: list[SimRequest] = []
         self.waiting: deque[SimRequest] = deque()
         self.busy = False
@@ -134,8 +134,8 @@ class Replica:
         return self.free_plain + len(self.lru)
 
     def _new_key(self) -> int:
-        self._uniq -= 1
-        return self._uniq
+        self._last_unique_key -= 1
+        return self._last_unique_key
 
     def _evict(self, m: int) -> None:
         """Take ``m`` free blocks: never-used ones first, then the least recently freed (dropping their keys)."""
@@ -172,22 +172,22 @@ class Replica:
                 seen.add(h)
         extra = end - start - len(new)
         if extra:
-            u = self._uniq
-            new.extend(range(u - 1, u - 1 - extra, -1))
-            self._uniq = u - extra
+            last = self._last_unique_key
+            new.extend(range(last - 1, last - 1 - extra, -1))
+            self._last_unique_key = last - extra
         keys.extend(new)
         ref.update(dict.fromkeys(new, 1))
 
     def _release(self, req: SimRequest) -> None:
         """Free ``req``'s blocks tail first; blocks nobody else holds join the free queue, still cached."""
         ref = self.ref
-        rk = req.keys[::-1]
-        counts = list(map(ref.__getitem__, rk))
+        tail_first = req.keys[::-1]
+        counts = list(map(ref.__getitem__, tail_first))
         if max(counts, default=1) == 1:
-            free = rk
+            free = tail_first
         else:
             free = []
-            for k, c in zip(rk, counts):
+            for k, c in zip(tail_first, counts):
                 if c == 1:
                     free.append(k)
                 else:
@@ -337,16 +337,16 @@ class Replica:
 
     def _duration(self, sched: list[tuple[SimRequest, int]]) -> tuple[float, bool]:
         """Seconds the step takes, and whether every scheduled request is a plain decode."""
-        pre_tokens, pairs, dec, ctx = 0, 0.0, 0, 0
+        prefill_tokens, pairs, decodes, context_tokens = 0, 0.0, 0, 0
         for req, n in sched:
-            nc = req.num_computed
-            if n == 1 and req.num_out and nc == req.prompt + req.num_out - 1:
-                dec += 1
-                ctx += nc + 1
+            computed = req.num_computed
+            if n == 1 and req.num_out and computed == req.prompt + req.num_out - 1:
+                decodes += 1
+                context_tokens += computed + 1
             else:
-                pre_tokens += n
-                pairs += n * (nc + n / 2)
-        return self.model.step_ms(pre_tokens, pairs, dec, ctx) / 1e3, pre_tokens == 0
+                prefill_tokens += n
+                pairs += n * (computed + n / 2)
+        return self.model.step_ms(prefill_tokens, pairs, decodes, context_tokens) / 1e3, prefill_tokens == 0
 
     def _start(self, now: float) -> None:
         sched, preempted = self._schedule()
@@ -365,12 +365,9 @@ class Replica:
             k = min(req.target - req.num_out for req, _ in sched)
             k = self._fit_blocks(sched, k)
             if k > 1:
-                m = self.model
-                n = len(sched)
-                a = dt
-                bstep = m.c_kv * n / 1e3  # each step attends n more context tokens
-                self._macro = (now, k, a, bstep)
-                dt = k * a + bstep * k * (k - 1) / 2
+                growth = self.model.c_kv * len(sched) / 1e3  # each step attends one more token per request
+                self._macro = (now, k, dt, growth)  # step j (1..k) ends at now + j*dt + growth*j*(j-1)/2
+                dt = k * dt + growth * k * (k - 1) / 2
         self.t_end = now + dt
 
     def _fit_blocks(self, sched: list[tuple[SimRequest, int]], k: int) -> int:
