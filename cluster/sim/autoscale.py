@@ -160,13 +160,13 @@ class _Delayed:
         self.direction, self.since = 0, 0.0
 
     def __call__(self, desired: int, target: int, now: float) -> int:
-        d = (desired > target) - (desired < target)
-        if d == 0:
+        direction = (desired > target) - (desired < target)
+        if direction == 0:
             self.direction = 0
             return target
-        if d != self.direction:
-            self.direction, self.since = d, now
-        if now - self.since + 1e-6 >= (self.up_s if d > 0 else self.down_s):
+        if direction != self.direction:
+            self.direction, self.since = direction, now
+        if now - self.since + 1e-6 >= (self.up_s if direction > 0 else self.down_s):
             self.direction = 0
             return desired
         return target
@@ -298,11 +298,11 @@ class AutoscaleResult:
     decisions: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        s = self.serving.to_dict()
+        serving = self.serving.to_dict()
         keep = ("slo_attainment", "goodput_rps", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_p50_s",
                 "tpot_p90_s", "tpot_p99_s", "e2e_p50_s", "e2e_p99_s", "requests", "completed", "preemptions",
                 "wall_s")
-        out = {"gpu_hours": round(self.gpu_hours, 4), **{k: s[k] for k in keep},
+        out = {"gpu_hours": round(self.gpu_hours, 4), **{k: serving[k] for k in keep},
                "replicas_min": self.replicas_min, "replicas_mean": round(self.replicas_mean, 3),
                "replicas_max": self.replicas_max, "scale_ups": self.scale_ups, "scale_downs": self.scale_downs,
                "scale_events": self.scale_ups + self.scale_downs, "replicas_started": self.replicas_started,

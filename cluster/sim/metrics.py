@@ -113,9 +113,9 @@ def summarize(policy: str, requests: Sequence[SimRequest], replicas: Sequence[Re
     itl_values, itl_weights = itl_samples(replicas)
     tokens = np.array([r.tokens_processed for r in replicas], float)
     prompt = sum(r.prompt for r in done)
-    tt, tp, ee = (weighted_percentiles(a, None, (50, 90, 99)) for a in (ttft, tpot, e2e))
-    it = weighted_percentiles(itl_values, itl_weights, (50, 90, 99))
-    dec = weighted_percentiles(np.asarray(decision_us, float), None, (50, 99))
+    ttft_p, tpot_p, e2e_p = (weighted_percentiles(a, None, (50, 90, 99)) for a in (ttft, tpot, e2e))
+    itl_p = weighted_percentiles(itl_values, itl_weights, (50, 90, 99))
+    decision_p = weighted_percentiles(np.asarray(decision_us, float), None, (50, 99))
     return PolicyResult(
         policy=policy,
         requests=len(requests),
@@ -125,16 +125,16 @@ def summarize(policy: str, requests: Sequence[SimRequest], replicas: Sequence[Re
         slo_attainment=good / len(requests) if requests else 0.0,
         throughput_rps=len(done) / duration,
         output_tok_s=sum(r.target for r in done) / duration,
-        ttft_p50_s=tt[0], ttft_p90_s=tt[1], ttft_p99_s=tt[2],
-        tpot_p50_s=tp[0], tpot_p90_s=tp[1], tpot_p99_s=tp[2],
-        itl_p50_s=it[0], itl_p90_s=it[1], itl_p99_s=it[2],
-        e2e_p50_s=ee[0], e2e_p90_s=ee[1], e2e_p99_s=ee[2],
+        ttft_p50_s=ttft_p[0], ttft_p90_s=ttft_p[1], ttft_p99_s=ttft_p[2],
+        tpot_p50_s=tpot_p[0], tpot_p90_s=tpot_p[1], tpot_p99_s=tpot_p[2],
+        itl_p50_s=itl_p[0], itl_p90_s=itl_p[1], itl_p99_s=itl_p[2],
+        e2e_p50_s=e2e_p[0], e2e_p90_s=e2e_p[1], e2e_p99_s=e2e_p[2],
         prefix_hit_rate=sum(r.cached_tokens for r in done) / prompt if prompt else 0.0,
         preemptions=sum(r.preemptions for r in replicas),
         preempted_requests=sum(1 for r in done if r.preemptions),
         load_cv=float(tokens.std() / tokens.mean()) if tokens.mean() > 0 else 0.0,
         kv_blocks_peak_frac=kv_peak_frac,
-        decision_us_p50=dec[0], decision_us_p99=dec[1],
+        decision_us_p50=decision_p[0], decision_us_p99=decision_p[1],
         wall_s=wall_s,
         ttft_samples=sorted(ttft.tolist()),
     )
