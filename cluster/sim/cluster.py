@@ -91,7 +91,8 @@ class SimCluster:
     def __init__(self, setup: Setup, policy_name: str, policy_params: dict | None = None,
                  periodic: Periodic | None = None):
         self.setup = setup
-        # Policies read the time of the latest arrival: what the live router's clock says at a decision.
+        # The policies' clock: the time of the latest arrival, when the router acts. A finish or an
+        # adapter report between two arrivals is stamped with the earlier arrival's time.
         self.router_clock_s = 0.0
         self.policy = make_policy(policy_name, injected_params(policy_name, policy_params, setup, self._clock),
                                   seed=setup.seed, block_tokens=HASH_BLOCK_TOKENS, registry=SIM_POLICIES)
