@@ -110,15 +110,19 @@ class KVPilotRouter(RequestRouter):
         return req
 
     def _with_chosen(self, rid: str) -> Ledger:
-        """The ledger plus the requests ranked but not yet routed (other than ``rid``) where they were ranked first."""
+        """The ledger plus the requests ranked but not yet routed (other than ``rid``) where they were ranked first.
+
+        Requests only, not tokens: a policy counts a request's prefill itself once it is routed
+        (``on_routed``); tokens here would be "someone else's" load to it and double its weight
+        (seen: the live prefix test recomputed 8 of 48 documents instead of 0).
+        """
         if not self._chosen:
             return self._ledger
-        view = Ledger(dict(self._ledger.requests), dict(self._ledger.tokens))
+        requests = dict(self._ledger.requests)
         for other, uid in self._chosen.items():
-            pending = self._placing.get(other)
-            if other != rid and pending is not None:
-                view.sent(uid, pending.prompt_tokens + pending.max_tokens)
-        return view
+            if other != rid and other in self._placing:
+                requests[uid] = requests.get(uid, 0) + 1
+        return Ledger(requests, self._ledger.tokens)
 
     def _candidates(self, replicas: list[RunningReplica], req: RoutingRequest, rid: str = "") -> Candidates:
         ids = [r.replica_id.unique_id for r in replicas]
