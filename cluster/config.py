@@ -222,6 +222,7 @@ class IngressConfig(_Strict):
           requests_per_minute: 600              # per key
           tokens_per_minute: 200000             # per key: prompt + n × max_tokens, unused output refunded
           max_body_bytes: 4194304
+          body_timeout_s: 30                    # the whole body by then, or 408 (a client trickling it)
           replica_retries: 2
 
     Keys also come from the ``KVPILOT_API_KEYS`` environment variable (comma-separated), which
@@ -250,6 +251,11 @@ class IngressConfig(_Strict):
     )
     max_body_bytes: int = Field(
         default=4 * 2**20, ge=1024, le=256 * 2**20, description="Largest request body in bytes; larger gets 413."
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="Seconds the ingress waits for a request's whole body; a slower client gets 408 and holds "
+        "nothing (no rate budget, no engine slot) beyond it.",
     )
     replica_retries: int = Field(
         default=2, ge=0, le=5,

@@ -233,6 +233,7 @@ _ERROR_RESPONSES: dict[int, str] = {
     400: "Invalid request: vLLM's validation, or the prompt beyond the model's limits or context",
     401: "Missing or invalid API key (when the endpoint has keys)",
     404: "Unknown model or route",
+    408: "Request body not received within ingress.body_timeout_s",
     413: "Request body larger than ingress.max_body_bytes",
     429: "Rate limit of the API key exceeded; see Retry-After",
     503: "Model overloaded (see Retry-After) or no replica available",
@@ -250,11 +251,19 @@ _GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def _request_schemas() -> dict[str, type]:
-    """vLLM's own request models for the two generation routes (the OpenAPI document's bodies)."""
+    """vLLM's own request models for the forwarded routes (the OpenAPI document's bodies, which
+    clients and the fuzz tests generate from)."""
+    from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
+    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeCompletionRequest
 
-    return {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
+    return {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+            "/v1/responses": ResponsesRequest, "/v1/embeddings": EmbeddingCompletionRequest,
+            "/v1/messages": AnthropicMessagesRequest, "/v1/messages/count_tokens": AnthropicCountTokensRequest,
+            "/tokenize": TokenizeCompletionRequest, "/detokenize": DetokenizeRequest}
 
 
 def _openapi_document(app: FastAPI, model_names: list[str], auth: bool) -> dict[str, Any]:
@@ -628,11 +637,16 @@ class Ingress:
         if declared.isdigit() and int(declared) > limit:
             raise too_large
         chunks, size = [], 0
-        async for chunk in request.stream():  # also bounds bodies sent without a Content-Length
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self._cfg.body_timeout_s):  # a client trickling its body holds nothing long
+                async for chunk in request.stream():  # also bounds bodies sent without a Content-Length
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise _Refused(408, f"The request body did not arrive within ingress.body_timeout_s "
+                           f"({self._cfg.body_timeout_s:g} s)", None, "request_timeout") from None
         return b"".join(chunks)
 
     def _model_of(self, body: dict[str, Any]) -> str:

@@ -17,7 +17,9 @@ import math
 import os
 import re
 import signal
+import socket
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -41,6 +43,7 @@ KEYS = {name: f"sk-kvpilot-test-{name:>8}-{i:07d}".replace(" ", "x") for i, name
 RPM, TPM = 8, 600
 MAX_QUEUED = 2
 MAX_BODY = 64 * 1024
+BODY_TIMEOUT_S = 3.0  # faulty's ingress.body_timeout_s
 
 
 def _model(replicas: int, **extra) -> dict:
@@ -64,7 +67,7 @@ def apps(serve_instance, keys_file):
                         "tokens_per_minute": TPM, "max_body_bytes": MAX_BODY}},
            GUARDED, f"/{GUARDED}")
     # Two slots per replica, so a burst leaves requests waiting in each engine without a token.
-    deploy({"models": [_model(2, max_num_seqs=2)]}, FAULTY, f"/{FAULTY}")
+    deploy({"models": [_model(2, max_num_seqs=2)], "ingress": {"body_timeout_s": BODY_TIMEOUT_S}}, FAULTY, f"/{FAULTY}")
     yield serve_instance
     for app in (GUARDED, FAULTY):
         serve.delete(app)
@@ -260,6 +263,68 @@ def test_ingress_metrics_count_codes_and_refusals_without_keys(guarded):
     assert any('code="429"' in k and f'model="{MODEL}"' in k for k in codes), shown
     for key in KEYS.values():
         assert key not in text
+
+
+# --- slow clients -----------------------------------------------------------------
+
+
+def _raw_post(base: str, path: str, head_extra: str, rcvbuf: int | None = None) -> socket.socket:
+    """An HTTP/1.1 POST's head on a raw socket; the caller sends (or trickles) the body."""
+    url = urllib.parse.urlsplit(base)
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # a small window: the server must wait for us
+    sock.connect((url.hostname, url.port))
+    sock.sendall(f"POST {url.path}{path} HTTP/1.1\r\nHost: {url.hostname}\r\nContent-Type: application/json\r\n"
+                 f"{head_extra}\r\n".encode())
+    return sock
+
+
+def test_a_client_trickling_its_body_gets_408_within_the_bound(faulty):
+    body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 2}).encode()
+    sock = _raw_post(faulty, "/v1/completions", f"Content-Length: {len(body)}\r\n")
+    sock.settimeout(0.01)
+    started, answer = time.monotonic(), b""
+    try:
+        for byte in body[:-1]:  # one byte a second, never the last: only the bound can end it
+            sock.sendall(bytes([byte]))
+            try:
+                answer += sock.recv(65536)
+            except TimeoutError:
+                pass
+            if answer or time.monotonic() - started > BODY_TIMEOUT_S + 30:
+                break
+            time.sleep(1.0)
+        sock.settimeout(30)
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+    finally:
+        sock.close()
+    waited = time.monotonic() - started
+    status_line = answer.split(b"\r\n", 1)[0].decode()
+    print(f"trickled body: answered {status_line!r} after {waited:.1f} s")
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"request_timeout"' in answer and b"body_timeout_s" in answer
+
+
+def test_a_client_that_stops_reading_holds_no_engine_slot(faulty):
+    """It reads the first bytes of a long stream, then nothing (its connection open, a small receive
+    window): the engine finishes the request and the ingress lets go of it while the client sleeps."""
+    body = json.dumps({"model": MODEL, "prompt": "Stall", "max_tokens": 900, "ignore_eos": True, "stream": True})
+    sock = _raw_post(faulty, "/v1/completions", f"Content-Length: {len(body)}\r\n", rcvbuf=4096)
+    try:
+        sock.sendall(body.encode())
+        sock.settimeout(120)
+        first = sock.recv(1024)
+        assert first.startswith(b"HTTP/1.1 200"), first[:200]
+        assert _wait(lambda: _ingress_stats(faulty)["in_flight"].get(MODEL, 0) == 1, 30) is not None
+        # Nothing more is read. 900 tokens of events (~150 KB) are far more than the window holds.
+        released = _wait(lambda: _ingress_stats(faulty)["in_flight"].get(MODEL, 0) == 0, 120)
+        assert released is not None, "a client that stopped reading held its request for 120 s"
+        print(f"stalled reader: the request left the ingress and the engine {released:.1f} s after its first bytes")
+        assert _complete(faulty, None, max_tokens=4).status_code == 200
+    finally:
+        sock.close()
 
 
 # --- faults ---------------------------------------------------------------------
