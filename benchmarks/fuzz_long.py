@@ -23,6 +23,7 @@ from fault_stack import ROOT, LocalStack, timestamp  # noqa: E402
 
 from tests.fuzz.conftest import API_KEY, MAX_TOKENS, fuzz_args  # noqa: E402
 from tests.fuzz.openapi_fuzz import run  # noqa: E402
+from tests.fuzz.test_openapi_fuzz import PLAN  # noqa: E402  (every forwarded route, in the CI test's shares)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     keys.write_text(API_KEY + "\n")
     stack = LocalStack(fuzz_args(keys), num_cpus=ns.num_cpus)
     stack.start()
-    q = ns.round_cases // 4
-    plan = {("POST", "/v1/completions"): {"positive": q, "negative": q},
-            ("POST", "/v1/chat/completions"): {"positive": q, "negative": q}}
+    scale = ns.round_cases / sum(sum(modes.values()) for modes in PLAN.values())
+    plan = {op: {mode: max(1, round(n * scale)) for mode, n in modes.items()} for op, modes in PLAN.items()}
     total, statuses, findings, seconds, rounds = 0, Counter(), [], 0.0, []
     try:
         seed = ns.seed

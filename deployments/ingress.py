@@ -313,7 +313,49 @@ def _json_object(raw: bytes) -> dict[str, Any]:
                        None, "invalid_json")
     if unsafe == "integer":
         raise _Refused(400, "The request body contains an integer outside the 64-bit range", None, "invalid_json")
+    for field in _OBJECT_FIELDS:
+        if body.get(field) is not None and not isinstance(body[field], dict):
+            raise _Refused(400, f"{field} must be an object, not {type(body[field]).__name__} "
+                           f"{_clip(json.dumps(body[field]))}", field, "invalid_type")
     return body
+
+
+# Fields vLLM 0.32 reads as objects in a before-validator, so another type is a 500 there
+# (ChatCompletionRequest.check_structured_outputs_count: 'bool' object has no attribute 'get').
+_OBJECT_FIELDS = ("structured_outputs",)
+
+
+def _check_responses_input(body: dict[str, Any]) -> None:
+    """vLLM 0.32 reads a Responses input message's ``content[0]`` when a tool-call output follows it,
+    so an empty one was a 500 ("list index out of range", a fuzz find)."""
+    items = body.get("input")
+    for i, item in enumerate(items if isinstance(items, list) else ()):
+        if isinstance(item, dict) and item.get("type") == "message" and item.get("content") == []:
+            raise _Refused(400, f"input[{i}].content is empty: a message needs at least one content part",
+                           f"input[{i}].content", "invalid_value")
+
+
+def _as_openai_error(status: int, body: bytes, path: str) -> bytes | None:
+    """An error answer that is not an OpenAI error object, rewritten as one (None: leave it).
+
+    vLLM's app answers a route its model does not serve (``/v1/embeddings`` on a generative
+    model) with FastAPI's ``{"detail": "Not Found"}``; clients parse ``error``. The Anthropic
+    routes keep Anthropic's error format.
+    """
+    if status < 400 or path.startswith("/v1/messages"):
+        return None
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return None
+    detail = parsed.get("detail") if isinstance(parsed, dict) else None
+    message = f"{path}: {detail if isinstance(detail, str) else _clip(body.decode(errors='replace')) or status}"
+    if status == 404 and detail == "Not Found":
+        message = f"{path} is not served by this model (vLLM has no such route for its task)"
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": str(status)}}).encode()
 
 
 def _template_text(template: str | None) -> str | None:
@@ -509,6 +551,8 @@ class Ingress:
         try:
             raw = await self._read_body(request)
             body = _json_object(raw)
+            if path == "/v1/responses":
+                _check_responses_input(body)
             model = self._model_of(body)
             early = self._limiter.check(client)  # the request rate, before spending time on tokenizing
             if not early.allowed:
@@ -737,6 +781,10 @@ class Ingress:
             admission.used_tokens = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
         except Exception:  # no trailer: keep the whole charge
             admission.used_tokens = admission._charged
+        rewritten = _as_openai_error(first["status"], first["body"], call.path)
+        if rewritten is not None:
+            headers = {k: v for k, v in headers.items() if k.lower() not in ("content-length", "content-type")}
+            return Response(rewritten, status_code=first["status"], headers=headers, media_type="application/json")
         return Response(first["body"], status_code=first["status"], headers=headers)
 
     async def _submit(self, call: HttpCall, admission: _Admission) -> tuple[Any, dict[str, Any]]:

@@ -94,13 +94,22 @@ class FuzzReport:
                 f"findings: {len(self.findings)}")
 
 
-def _openai_error_problem(response: requests.Response) -> str | None:
+def _anthropic_error(body: Any) -> bool:
+    """Anthropic's error format, which vLLM's /v1/messages routes answer in (the ingress's own refusals stay OpenAI's)."""
+    err = body.get("error") if isinstance(body, dict) else None
+    return (isinstance(body, dict) and set(body) == {"type", "error"} and body["type"] == "error"
+            and isinstance(err, dict) and set(err) == {"type", "message"} and bool(err["message"]))
+
+
+def _openai_error_problem(response: requests.Response, anthropic: bool = False) -> str | None:
     if response.status_code < 400:
         return None
     try:
         body = response.json()
     except ValueError:
         return "error response is not JSON"
+    if anthropic and _anthropic_error(body):
+        return None if "Traceback" not in response.text else "error response carries a traceback"
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict) or set(err) != ERROR_KEYS or set(body) != {"error"}:
         return "error response is not an OpenAI error object"
@@ -114,7 +123,7 @@ def _openai_error_problem(response: requests.Response) -> str | None:
 def _clamp(body: Any, max_tokens: int) -> None:
     """Keep generated output budgets small, so cases that reach the engine stay cheap."""
     if isinstance(body, dict):
-        for key in ("max_tokens", "max_completion_tokens"):
+        for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             v = body.get(key)
             if isinstance(v, int) and not isinstance(v, bool) and v > max_tokens:
                 body[key] = 1 + v % max_tokens
@@ -198,7 +207,7 @@ def run(base_url: str, api_key: str, plan: dict[tuple[str, str], dict[str, int]]
         except Exception as e:  # the connection itself failed: as bad as a 5xx
             record(label, mode, 599, f"request failed: {type(e).__name__}: {e}", sent, "")
             return
-        problem = _openai_error_problem(response)
+        problem = _openai_error_problem(response, anthropic=" /v1/messages" in label)
         keyed = response.request.headers.get("Authorization") == auth["Authorization"]
         if label.endswith(" /health"):  # open to all: no key asked
             keyed = True

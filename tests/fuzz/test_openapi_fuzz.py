@@ -10,10 +10,17 @@ from tests.fuzz.openapi_fuzz import UNAUTHENTICATED_EVERY, run
 
 pytestmark = pytest.mark.serve
 
-# About 2,000 generated cases: the two generation routes get nearly all of them.
+# About 2,000 generated cases over every route the ingress forwards; the two generation routes
+# get most of them.
 PLAN = {
-    ("POST", "/v1/completions"): {"positive": 650, "negative": 400},
-    ("POST", "/v1/chat/completions"): {"positive": 550, "negative": 400},
+    ("POST", "/v1/completions"): {"positive": 500, "negative": 300},
+    ("POST", "/v1/chat/completions"): {"positive": 450, "negative": 300},
+    ("POST", "/v1/responses"): {"positive": 100, "negative": 50},
+    ("POST", "/v1/messages"): {"positive": 100, "negative": 50},
+    ("POST", "/v1/messages/count_tokens"): {"positive": 40, "negative": 20},
+    ("POST", "/v1/embeddings"): {"positive": 40, "negative": 20},
+    ("POST", "/tokenize"): {"positive": 60, "negative": 30},
+    ("POST", "/detokenize"): {"positive": 60, "negative": 30},
     ("GET", "/v1/models"): {"positive": 5},
     ("GET", "/health"): {"positive": 5},
 }
@@ -22,7 +29,9 @@ MIN_CASES = 2000
 
 def test_openapi_document_describes_the_request_bodies(fuzz_url):
     doc = httpx.get(f"{fuzz_url}/openapi.json").json()
-    for path, schema in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest")):
+    for path, schema in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest"),
+                         ("/v1/responses", "ResponsesRequest"), ("/tokenize", "TokenizeCompletionRequest"),
+                         ("/v1/messages", "AnthropicMessagesRequest")):
         body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body == {"$ref": f"#/components/schemas/{schema}"}
         assert doc["components"]["schemas"][schema]["properties"]["model"]["enum"] == ["tiny"]

@@ -625,3 +625,39 @@ def test_integers_beyond_64_bits_are_refused_before_vllm():
         _json_object(b'{"model": "tiny", "messages": [], "stream_interval": 12598761270790066358190}')
     assert e.value.status == 400 and "64-bit" in e.value.message
     assert _json_object(b'{"seed": 9223372036854775807}') == {"seed": 2**63 - 1}
+
+
+def test_a_non_object_structured_outputs_is_refused_before_vllm():
+    """vLLM 0.32's chat validator calls .get() on it: {"structured_outputs": true} was a 500 (a fuzz find)."""
+    from deployments.ingress import _Refused, _json_object
+
+    with pytest.raises(_Refused) as e:
+        _json_object(b'{"model": "tiny", "messages": [], "structured_outputs": true}')
+    assert (e.value.status, e.value.param) == (400, "structured_outputs") and "must be an object" in e.value.message
+    assert _json_object(b'{"structured_outputs": {"choice": ["a"]}}') == {"structured_outputs": {"choice": ["a"]}}
+
+
+def test_errors_vllm_answers_outside_openais_format_are_rewritten():
+    """A route the model's task lacks (embeddings on a generative model) is FastAPI's {"detail"}: a fuzz find."""
+    from deployments.ingress import _as_openai_error
+
+    err = json.loads(_as_openai_error(404, b'{"detail":"Not Found"}', "/v1/embeddings"))["error"]
+    assert set(err) == {"message", "type", "param", "code"} and "/v1/embeddings is not served" in err["message"]
+    assert _as_openai_error(400, b'{"error": {"message": "m", "type": "t", "param": null, "code": 400}}',
+                            "/v1/completions") is None  # already OpenAI's
+    assert _as_openai_error(400, b'{"type": "error", "error": {"type": "t", "message": "m"}}',
+                            "/v1/messages") is None  # Anthropic's route keeps Anthropic's format
+    assert _as_openai_error(200, b"{}", "/v1/embeddings") is None
+
+
+def test_an_empty_responses_message_is_refused_before_vllm():
+    """vLLM 0.32 indexes content[0] of an input message before a tool output: [] was a 500 (a fuzz find)."""
+    from deployments.ingress import _check_responses_input, _Refused
+
+    with pytest.raises(_Refused) as e:
+        _check_responses_input({"input": [{"type": "message", "role": "assistant", "content": []},
+                                          {"type": "apply_patch_call_output", "call_id": "c"}]})
+    assert (e.value.status, e.value.param) == (400, "input[0].content")
+    _check_responses_input({"input": [{"type": "message", "role": "user", "content": [{"type": "input_text",
+                                                                                      "text": "hi"}]}]})
+    _check_responses_input({"input": "hello"})
