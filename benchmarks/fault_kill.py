@@ -7,7 +7,11 @@ of them are streaming, one replica is killed:
 * ``--target actor`` (default): ``ray.kill`` of the replica actor (the process dies);
 * ``--target sigkill``: SIGKILL of the replica actor's process (as the OOM killer would);
 * ``--target engine``: SIGKILL of the replica's vLLM EngineCore process (the actor lives on,
-  its engine is dead: Serve's health check has to find it).
+  its engine is dead: Serve's health check has to find it);
+* ``--target ingress``: ``ray.kill`` of the ingress replica (every stream it relays breaks;
+  Serve starts another);
+* ``--target controller``: ``ray.kill`` of the Serve controller, which Ray restarts (the
+  data plane must not notice: every stream completes).
 
 At the end the stack is stopped (``--stop clean``: Serve and Ray shut down) or killed
 (``--stop hard``: SIGKILL to every Ray process of the stack at once, as killing the process
@@ -99,11 +103,35 @@ def engine_cores(pid: int) -> list[int]:
     return [p.pid for p in engines_under(pid) if "EngineCore" in p.name()]
 
 
+MODEL_TARGETS = ("actor", "sigkill", "engine")  # a model replica (or its engine) dies; else the ingress or controller
+
+
+def _kill(stack: LocalStack, target: str, victim: str, pid: int, cores: list[int], ingress: list[str]) -> None:
+    import ray
+
+    if target == "actor":
+        stack.kill_replica(victim)
+    elif target == "sigkill":
+        os.kill(pid, signal.SIGKILL)
+    elif target == "engine":
+        for core in cores:
+            os.kill(core, signal.SIGKILL)
+    elif target == "ingress":
+        stack.kill_replica(ingress[0])
+    elif target == "controller":
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        ray.kill(ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE), no_restart=False)
+    else:
+        raise ValueError(f"--target {target!r}: choose actor, sigkill, engine, ingress or controller")
+
+
 def one_round(stack: LocalStack, n: int, max_tokens: int, kill_after: int, target: str, stream_timeout: float,
               recover_timeout: float, headers: dict[str, str] | None = None, watch: EngineWatch | None = None) -> dict:
     assert wait_for(lambda: stack.running_replicas(MODEL) == 2 and len(stack.replicas(MODEL)) == 2, 600) is not None
     before = {r["name"]: r["pid"] for r in stack.replicas(MODEL)}
     victim = sorted(before)[0]
+    ingress = [r["name"] for r in stack.deployment_replicas("ingress")]
     cores = engine_cores(before[victim])
     victim_engines = {p.pid for p in engines_under(before[victim])}  # its engine core and the core's workers
     watch = watch or EngineWatch()
@@ -119,13 +147,7 @@ def one_round(stack: LocalStack, n: int, max_tokens: int, kill_after: int, targe
                      for i in range(n)]
             while sum(s.first_chunk_at is not None for s in streams) < kill_after:
                 await asyncio.sleep(0.02)
-            if target == "actor":
-                stack.kill_replica(victim)
-            elif target == "sigkill":
-                os.kill(before[victim], signal.SIGKILL)
-            else:
-                for pid in cores:
-                    os.kill(pid, signal.SIGKILL)
+            _kill(stack, target, victim, before[victim], cores, ingress)
             killed_at = time.monotonic()
             await asyncio.wait(tasks, timeout=stream_timeout + 30)
 
@@ -138,7 +160,11 @@ def one_round(stack: LocalStack, n: int, max_tokens: int, kill_after: int, targe
 
     def recovered() -> bool:
         live = {r["name"] for r in stack.replicas(MODEL)}
-        if stack.running_replicas(MODEL) != 2 or len(live) != 2 or victim in live:
+        if stack.running_replicas(MODEL) != 2 or len(live) != 2:
+            return False
+        if target in MODEL_TARGETS and victim in live:
+            return False
+        if target == "ingress" and not set(r["name"] for r in stack.deployment_replicas("ingress")) - set(ingress):
             return False
         r = httpx.post(f"{stack.url}/v1/completions", json={"model": MODEL, "prompt": "ping", "max_tokens": 1},
                        headers=headers, timeout=60)
@@ -146,7 +172,8 @@ def one_round(stack: LocalStack, n: int, max_tokens: int, kill_after: int, targe
 
     took = wait_for(recovered, recover_timeout, period_s=1.0)
     watch.see(stack.processes())
-    orphans = watch.orphans(among=victim_engines, within_s=5)
+    # Only a model target kills an engine's replica; after an ingress or controller kill its engines live on.
+    orphans = watch.orphans(among=victim_engines, within_s=5) if target in MODEL_TARGETS else []
     return {
         "target": target, "streams": n, "max_tokens": max_tokens, "kill_after_streaming": kill_after, **counts,
         "first_chunk_read_after_kill": len(waiting),
@@ -165,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=8, help="per replica: the rest wait in Serve's queue")
     p.add_argument("--kill-after", type=int, default=8, help="kill once this many streams have a first chunk")
     p.add_argument("--target", default="actor",
-                   help="actor, sigkill, engine, or several comma-separated (alternating)")
+                   help="actor, sigkill, engine, ingress, controller, or several comma-separated (alternating)")
     p.add_argument("--stop", choices=("clean", "hard"), default="clean",
                    help="end with serve/ray shutdown, or SIGKILL to every Ray process of the stack")
     p.add_argument("--rounds", type=int, default=3)
@@ -175,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ns = p.parse_args(argv)
     targets = ns.target.split(",")
-    if not set(targets) <= {"actor", "sigkill", "engine"}:
-        p.error(f"--target {ns.target}: choose among actor, sigkill, engine")
+    if not set(targets) <= {*MODEL_TARGETS, "ingress", "controller"}:
+        p.error(f"--target {ns.target}: choose among {', '.join(MODEL_TARGETS)}, ingress, controller")
 
     stack = LocalStack({"models": [tiny_model(MODEL, 2, max_num_seqs=ns.max_num_seqs)]}, num_cpus=ns.num_cpus)
     orphans_before = set(machine_orphans())  # other stacks' leftovers on this machine, not ours

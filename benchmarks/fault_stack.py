@@ -93,11 +93,15 @@ class LocalStack:
 
     def replicas(self, model: str) -> list[dict[str, Any]]:
         """Live replica actors of ``model``'s deployment: name, pid, actor id."""
-        from ray._private import state
-
         from cluster.placement import deployment_name
 
-        cls = f"ServeReplica:{self.app}:{deployment_name(model)}"
+        return self.deployment_replicas(deployment_name(model))
+
+    def deployment_replicas(self, deployment: str) -> list[dict[str, Any]]:
+        """Live replica actors of one of the app's deployments (a model's, or ``ingress``)."""
+        from ray._private import state
+
+        cls = f"ServeReplica:{self.app}:{deployment}"
         return [{"name": a["Name"], "pid": a["Pid"], "actor_id": a["ActorID"]}
                 for a in state.actors().values() if a["ActorClassName"] == cls and a["State"] == "ALIVE"]
 
