@@ -41,6 +41,7 @@ from deployments.telemetry import Recorder
 # backoff, then on_request_routed): one that is cancelled before it is routed is never told to
 # the router, so the oldest entries go beyond this many (re-hashed if Serve asks again).
 MAX_PLACING = 4096
+CHOSEN_TTL_S = 10.0  # Serve routes a ranked request within milliseconds (and re-ranks after a backoff)
 
 logger = logging.getLogger("kvpilot.router")
 
@@ -91,7 +92,7 @@ class KVPilotRouter(RequestRouter):
         self._placing: OrderedDict[str, RoutingRequest] = OrderedDict()  # routing facts, hashed once per request
         # Ranked but not yet routed: Serve ranks a burst's requests before any is acknowledged
         # (on_request_routed comes after the replica accepts), so each counts where it was ranked first.
-        self._chosen: OrderedDict[str, str] = OrderedDict()  # internal request id → replica ranked first
+        self._chosen: OrderedDict[str, tuple[str, float]] = OrderedDict()  # request id → (replica ranked first, when)
         self._model = model
         self._facts: dict[str, tuple[Any, Any]] = {}  # replica -> (prefill speed, KV capacity) it last reported
         self._caps: dict[str, int] = {}  # replica -> its measured KV capacity in tokens
@@ -119,8 +120,9 @@ class KVPilotRouter(RequestRouter):
         if not self._chosen:
             return self._ledger
         requests = dict(self._ledger.requests)
-        for other, uid in self._chosen.items():
-            if other != rid and other in self._placing:
+        recent = time.monotonic() - CHOSEN_TTL_S  # a request cancelled before it was routed stops counting
+        for other, (uid, when) in self._chosen.items():
+            if other != rid and when > recent and other in self._placing:
                 requests[uid] = requests.get(uid, 0) + 1
         return Ledger(requests, self._ledger.tokens)
 
@@ -178,7 +180,7 @@ class KVPilotRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         ranked = self._policy.rank_columns(req, self._candidates(candidate_replicas, req, rid))
         self._rec.observe(M.ROUTER_DECISION_SECONDS, time.perf_counter() - started)
-        self._chosen[rid] = ranked[0]
+        self._chosen[rid] = (ranked[0], time.monotonic())
         if len(self._chosen) > MAX_PLACING:
             self._chosen.popitem(last=False)
         return [[by_id[uid]] for uid in ranked]

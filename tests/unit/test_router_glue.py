@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -336,3 +337,13 @@ def test_a_burst_ranked_before_any_routing_spreads_over_full_batches():
         _route(router, p, uid)
     assert not router._chosen and router._with_chosen("") is router._ledger
     assert sum(router._ledger.requests.values()) == 8
+
+
+def test_a_ranked_request_never_routed_stops_counting():
+    router = _router(policy="kvpilot", block_tokens=128, engine={"max_num_seqs": 2})
+    replicas = [_Replica(_ID("x")), _Replica(_ID("y"))]
+    lost = _pending("lost", 8, max_tokens=10)
+    first = _choose(router, replicas, lost)[0]  # ranked, then the client gave up: no on_request_routed
+    assert router._with_chosen("other").requests == {first: 1}
+    router._chosen["lost"] = (first, time.monotonic() - router_mod.CHOSEN_TTL_S - 1)
+    assert router._with_chosen("other").requests == {}
