@@ -28,8 +28,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fault_stack import (ROOT, EngineWatch, LocalStack, is_openai_error, start_stack, tiny_model,  # noqa: E402
-                         write_result)
+from fault_stack import (EngineWatch, LocalStack, is_openai_error, add_fault_args, start_stack,  # noqa: E402
+                         tiny_model, write_result)
+from cluster.bench.client import sse_data  # noqa: E402
 
 MODEL = "tiny"
 
@@ -51,15 +52,15 @@ async def one(http: httpx.AsyncClient, url: str, i: int, out: Outcome, max_token
                 out.result = "refused_clean" if ok else "failed"
                 return
             done = error = False
-            async for line in r.aiter_lines():
-                if line == "data: [DONE]":
+            async for data in sse_data(r.aiter_bytes()):
+                if data == "[DONE]":
                     done = True
-                elif line.startswith("data: ") and '"error"' in line:
+                elif "error" in json.loads(data):
                     error = True
             out.result = "completed" if done and not error else "failed"
     except httpx.TimeoutException:
         out.result = "hung"
-    except httpx.HTTPError:
+    except (httpx.HTTPError, ValueError):
         out.result = "failed"
     finally:
         out.seconds = time.monotonic() - t0
@@ -102,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--stream-timeout", type=float, default=300.0, help="a request not ended by then counts as hung")
-    p.add_argument("--num-cpus", type=int, default=4)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_fault_args(p, stream_timeout=300.0, num_cpus=4, recover=False)
     ns = p.parse_args(argv)
 
     model = tiny_model(MODEL, 1, max_num_seqs=ns.max_num_seqs, limits={"max_queued_requests": ns.max_queued})

@@ -47,8 +47,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fault_stack import (ROOT, EngineWatch, LocalStack, engines_under, is_openai_error,  # noqa: E402
-                         machine_orphans, start_stack, tiny_model, wait_for, write_result)
+from fault_stack import (EngineWatch, LocalStack, engines_under, is_openai_error,  # noqa: E402
+                         machine_orphans, add_fault_args, start_stack, tiny_model, wait_for, write_result)
+from cluster.bench.client import sse_data  # noqa: E402
 
 MODEL = "tiny"
 
@@ -74,11 +75,8 @@ async def one_stream(http: httpx.AsyncClient, url: str, i: int, out: Stream, max
                 return
             done = error = False
             tokens = 0
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
+            async for data in sse_data(r.aiter_bytes()):
                 out.first_chunk_at = out.first_chunk_at or time.monotonic()
-                data = line[6:]
                 if data == "[DONE]":
                     done = True
                 elif "error" in json.loads(data):
@@ -93,8 +91,8 @@ async def one_stream(http: httpx.AsyncClient, url: str, i: int, out: Stream, max
                 out.result = "completed"
     except httpx.TimeoutException:
         out.result = "hung"
-    except httpx.HTTPError:
-        out.result = "failed_unclean"  # the connection broke without an error event
+    except (httpx.HTTPError, ValueError):
+        out.result = "failed_unclean"  # the connection broke without an error event, or an event was cut
     finally:
         out.ended_at = time.monotonic()
 
@@ -196,10 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop", choices=("clean", "hard"), default="clean",
                    help="end with serve/ray shutdown, or SIGKILL to every Ray process of the stack")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--stream-timeout", type=float, default=300.0, help="a stream not ended by then counts as hung")
-    p.add_argument("--recover-timeout", type=float, default=600.0)
-    p.add_argument("--num-cpus", type=int, default=4)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_fault_args(p, stream_timeout=300.0, num_cpus=4)
     ns = p.parse_args(argv)
     targets = ns.target.split(",")
     if not set(targets) <= {*MODEL_TARGETS, "ingress", "controller"}:

@@ -65,6 +65,15 @@ class LocalStack:
         self.url = f"http://127.0.0.1:{port}"
         return self.url
 
+    def redeploy(self, args: dict[str, Any]) -> None:
+        """Deploy an edited config over the running app (Serve's in-place update, as ``serve deploy`` does)."""
+        from ray import serve
+
+        from deployments.app import build_app
+
+        self.args = args
+        serve.run(build_app(args), name=self.app, route_prefix="/")
+
     def stop(self) -> None:
         import ray
         from ray import serve
@@ -238,6 +247,17 @@ def wait_for(predicate: Any, timeout_s: float, period_s: float = 0.5) -> float |
             return time.monotonic() - started
         time.sleep(period_s)
     return None
+
+
+def add_fault_args(p: argparse.ArgumentParser, stream_timeout: float, num_cpus: int, recover: bool = True) -> None:
+    """The options every fault script shares: when a stream counts as hung, how long recovery may take,
+    Ray's logical CPUs and the results folder."""
+    p.add_argument("--stream-timeout", type=float, default=stream_timeout,
+                   help="a stream not ended by then counts as hung")
+    if recover:
+        p.add_argument("--recover-timeout", type=float, default=600.0)
+    p.add_argument("--num-cpus", type=int, default=num_cpus)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
 
 
 def timestamp() -> str:

@@ -37,6 +37,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_stack import ROOT, EngineWatch, LocalStack, role, start_stack, timestamp  # noqa: E402
+from cluster.bench.client import sse_data  # noqa: E402
 
 API_KEY = "sk-kvpilot-soak-0000000000000000000"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven tired engineers watch the cluster "
@@ -78,10 +79,10 @@ async def _send(http: httpx.AsyncClient, url: str, path: str, body: dict, header
                 if r.status_code != 200:
                     return _refusal(r.status_code, await r.aread()), time.monotonic() - started
                 done = error = False
-                async for line in r.aiter_lines():
-                    if line == "data: [DONE]":
+                async for data in sse_data(r.aiter_bytes()):
+                    if data == "[DONE]":
                         done = True
-                    elif line.startswith('data: {"error"'):
+                    elif data.startswith('{"error"'):
                         error = True
                 kind = "ok" if done and not error else "stream_error"
                 return kind, time.monotonic() - started

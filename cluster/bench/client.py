@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -40,6 +41,24 @@ def request_body(spec: RequestSpec, model: str, chat: bool, ignore_eos: bool = T
     else:
         body["prompt"] = spec.prompt
     return body
+
+
+async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """The ``data:`` payloads of a server-sent event stream, from its raw bytes.
+
+    Events end at a newline only: generated text in a JSON payload can hold characters that
+    ``str.splitlines`` (and so httpx's ``aiter_lines``) also take for line ends (U+0085, U+2028,
+    U+2029), which would cut one event in two.
+    """
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield line[5:].strip().decode()
+    if pending.startswith(b"data:"):
+        yield pending[5:].strip().decode()  # a stream cut mid-event: the caller sees the partial payload
 
 
 def _has_token(choice: dict[str, Any], chat: bool) -> bool:

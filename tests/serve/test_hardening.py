@@ -30,6 +30,7 @@ import pytest
 from ray import serve
 
 from cluster import metrics as M
+from cluster.bench.client import sse_data
 from cluster.placement import deployment_name
 from tests.serve.conftest import ROOT, deploy
 
@@ -348,12 +349,9 @@ async def _one_stream(http: httpx.AsyncClient, base: str, i: int, out: _Outcome,
             out.result = "failed_before_streaming" if "error" in json.loads(text) else "failed_unclean"
             return
         done, error, tokens = False, False, 0
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
+        async for data in sse_data(r.aiter_bytes()):
             if out.first_chunk_at is None:
                 out.first_chunk_at = time.monotonic()
-            data = line[6:]
             if data == "[DONE]":
                 done = True
             elif "error" in json.loads(data):

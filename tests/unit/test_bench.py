@@ -342,3 +342,22 @@ def test_cli_replays_a_trace_on_its_own_clock(fake_server: str, tmp_path: Path):
     for start, at in zip(starts, [0.0, 0.05, 0.15, 0.2]):
         assert start >= at - 0.005  # never early
     assert saved["workload"]["name"] == "mooncake" and saved["workload"]["block_tokens"] == 8
+
+
+def test_sse_events_split_at_newlines_only():
+    """Generated text may hold U+0085 or U+2028, which str.splitlines (httpx's aiter_lines) breaks at."""
+    from cluster.bench.client import sse_data
+
+    event = json.dumps({"choices": [{"text": "a\u2028b\x85c\u2029"}]}, ensure_ascii=False)
+    raw = f"data: {event}\n\n: a comment\ndata: [DONE]\n\n".encode()
+
+    async def chunks():
+        for i in range(0, len(raw), 7):  # events cut across reads, as a socket delivers them
+            yield raw[i:i + 7]
+
+    async def collect():
+        return [d async for d in sse_data(chunks())]
+
+    got = asyncio.run(collect())
+    assert got == [event, "[DONE]"]
+    assert json.loads(got[0])["choices"][0]["text"] == "a\u2028b\x85c\u2029"
