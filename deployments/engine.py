@@ -11,8 +11,10 @@ vLLM's own server code and streams the response bytes back
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -140,6 +142,32 @@ def start_vllm_engine(model: ModelConfig, stats: EngineStats, rec: Recorder | No
     )
 
 
+def _buffered_handlers() -> list[logging.handlers.MemoryHandler]:
+    loggers = [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.handlers.MemoryHandler)]
+
+
+@contextmanager
+def log_handlers_kept() -> Iterator[None]:
+    """Keep the process's buffered log handlers working while vLLM builds its engine.
+
+    vLLM sets its logging up with ``logging.config.dictConfig`` when it creates an engine's
+    config, and dictConfig closes every handler the process has. Closing a ``MemoryHandler``
+    (Serve's per-replica log buffer, flushed to the replica's log file) drops its target, and a
+    handler without a target keeps every record it is given: the replica's log would stop at
+    engine start-up and its memory grow by one access-log record (~4 KB) per request.
+    """
+    targets = [(h, h.target) for h in _buffered_handlers()]
+    try:
+        yield
+    finally:
+        for handler, target in targets:
+            if handler.target is None and target is not None:
+                handler.setTarget(target)  # a closed file handler reopens its file on the next record
+                handler.flush()
+
+
 class ModelServer:
     """One replica of one model: a vLLM engine, vLLM's OpenAI app over it, its live stats and its metrics."""
 
@@ -159,8 +187,9 @@ class ModelServer:
         self._planned_kv_bytes = planned_kv_bytes_per_gpu
         self._last_rate_sample = (time.monotonic(), 0, 0)  # (time, prompt + generated tokens, generated tokens)
         started = time.monotonic()
-        self._engine = engine_factory(model, self._stats, self._rec)
-        self._http = await VllmHttpApp.build(model, self._engine)
+        with log_handlers_kept():
+            self._engine = engine_factory(model, self._stats, self._rec)
+            self._http = await VllmHttpApp.build(model, self._engine)
         self._resident_adapters: list[str] = []
         self._adapter_queries = self._adapters_applied = 0  # order of resident-adapter queries (see _refresh_adapters)
         if model.lora is not None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 from transformers import AutoTokenizer
 
@@ -118,6 +120,56 @@ def test_sixteen_concurrent_streams_all_complete(base_url):
         return await asyncio.gather(*(one(client, i) for i in range(16)))
 
     assert asyncio.run(main()) == [(32, "length")] * 16
+
+
+def _replicas(deployment: str) -> list[tuple[int, str]]:
+    """(pid, replica id) of each live replica of one of the app's deployments."""
+    from ray._private import state
+
+    cls = f"ServeReplica:kvpilot:{deployment}"
+    return [(a["Pid"], a["Name"].rsplit("#", 1)[-1]) for a in state.actors().values()
+            if a["ActorClassName"] == cls and a["State"] == "ALIVE"]
+
+
+def _access_log_lines(deployment: str, replica_id: str) -> int:
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return sum(f.read_text().count("serve_http") for f in logs.glob(f"replica_kvpilot_{deployment}_{replica_id}.log*"))
+
+
+def test_a_replica_logs_every_request_and_its_memory_stays_flat(base_url):
+    """A short soak: the leak bound of benchmarks/soak.py, over a few thousand requests.
+
+    vLLM's logging set-up once closed the replica's log buffer: every access-log record was kept
+    (~4 KB per request, linear) and none reached the replica's log file.
+    """
+    deployment, warmup, n = "model-tiny-fp16", 300, 4000
+    replicas = _replicas(deployment)
+    assert replicas, deployment
+
+    async def send(count: int) -> int:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=16)) as http:
+            sem = asyncio.Semaphore(16)
+
+            async def one(i: int) -> int:
+                async with sem:
+                    body = {"model": FP16, "prompt": f"Request {i}", "max_tokens": 4, "stream": i % 2 == 0}
+                    return (await http.post(f"{base_url}/v1/completions", json=body)).status_code
+
+            return sum(code == 200 for code in await asyncio.gather(*(one(i) for i in range(count))))
+
+    assert asyncio.run(send(warmup)) == warmup
+    rss = {pid: psutil.Process(pid).memory_info().rss for pid, _ in replicas}
+    logged = {rid: _access_log_lines(deployment, rid) for _, rid in replicas}
+    assert asyncio.run(send(n)) == n
+    growth = {pid: psutil.Process(pid).memory_info().rss - before for pid, before in rss.items()}
+    time.sleep(1)  # the last records reach the file
+    new_lines = sum(_access_log_lines(deployment, rid) - logged[rid] for _, rid in replicas)
+    per_request = sum(growth.values()) / n
+    print(f"{n} requests: {new_lines} access-log lines; replica RSS {per_request / 1024:+.2f} KiB per request")
+    assert new_lines >= n
+    assert per_request < 1536, f"replica RSS grew {per_request / 1024:.2f} KiB per request (bound 1.5)"
 
 
 def _wait_for(predicate, timeout_s: float = 60.0) -> bool:
