@@ -535,7 +535,8 @@ class SGLang(Policy):
 
 
 class KVPilot(Policy):
-    """kvpilot: send the request where its first token is expected soonest, without overflowing KV.
+    """kvpilot: send the request where its first token is expected soonest, counting the requests its prefill
+    delays, without overflowing KV.
 
     Per replica, in prompt tokens (tokens / ``prefill_tokens_per_s`` = seconds):
 
@@ -666,10 +667,10 @@ class KVPilot(Policy):
         uncached = self._uncached(req.prompt_tokens, cands.cached_blocks)
         others = [t - m if t > m else 0 for t, m in zip(cands.tokens_in_flight, mine)]  # unaccounted tokens
         per_request = self._prefilled / self._prefills if self._prefills else 1.0  # mean uncached prompt
-        cost = []
-        for queue, prefill, other in zip(owed, uncached, others):
-            queued = queue / per_request  # requests queued there, which this prefill would delay too
-            cost.append(queue + prefill * (1 + queued) + self.load_weight * other)
+        lw = self.load_weight
+        # owed / per_request: the requests queued there, whom this prefill would delay too
+        cost = [owed_ + prefill * (1 + owed_ / per_request) + lw * other
+                for owed_, prefill, other in zip(owed, uncached, others)]
         if req.adapter is not None:
             self._add_adapter_cost(cost, req.adapter, ids, cands.has_adapter)
         if self.max_num_seqs:
@@ -735,9 +736,11 @@ class KVPilot(Policy):
                 held[req.adapter] -= 1
             else:
                 del held[req.adapter]
-        added = self._kv_of.get(replica_id, {}).get((req.prompt_tokens, req.max_tokens))
-        if added:  # one request of that size routed there: the KV it added goes
-            self._kv[replica_id] -= added.pop()
+        sizes, size = self._kv_of.get(replica_id, {}), (req.prompt_tokens, req.max_tokens)
+        if size in sizes:  # one request of that size routed there: the KV it added goes
+            self._kv[replica_id] -= sizes[size].pop()
+            if not sizes[size]:
+                del sizes[size]
         left = self._mine.get(replica_id, 0) - req.prompt_tokens - req.max_tokens
         if left > 0:
             self._mine[replica_id] = left
@@ -778,16 +781,16 @@ class KVPilot(Policy):
         if max(max(usages), max(cands.tokens_in_flight) / smallest) + \
                 (req.prompt_tokens + req.max_tokens) / smallest <= self.kv_high:
             return
-        for i, rid in enumerate(cands.replica_id):
-            cap = caps[i]
+        kv, kv_high, budget, penalty = self._kv, self.kv_high, req.max_tokens, self.kv_penalty_tokens
+        for i, (rid, cap, usage, other, prefill) in enumerate(zip(cands.replica_id, caps, usages, others, uncached)):
             if not cap:
                 continue
-            reported, accounted = usages[i] * cap, self._kv.get(rid, 0) + others[i]
+            reported, accounted = usage * cap, kv.get(rid, 0) + other
             in_use = reported if reported > accounted else accounted
-            adds = uncached[i] + req.max_tokens
-            past = in_use + adds - self.kv_high * cap  # tokens past kv_high once it is admitted
+            adds = prefill + budget  # the KV this request adds there
+            past = in_use + adds - kv_high * cap  # tokens past kv_high once it is admitted
             if past > 0:
-                cost[i] += self.kv_penalty_tokens * (past if past < adds else adds) / cap
+                cost[i] += penalty * (past if past < adds else adds) / cap
 
     def _ordered(self, cost: list[float], rifs: Sequence[int], ids: Sequence[str]) -> list[str]:
         """Replica ids by cost; equal costs by fewer requests in flight, then at random."""
