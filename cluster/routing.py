@@ -665,17 +665,26 @@ class KVPilot(Policy):
         mine = [self._mine.get(rid, 0) for rid in ids]  # tokens this policy has in flight on each
         owed = self._owed(ids, mine, self.clock())
         uncached = self._uncached(req.prompt_tokens, cands.cached_blocks)
-        others = [t - m if t > m else 0 for t, m in zip(cands.tokens_in_flight, mine)]  # unaccounted tokens
-        per_request = self._prefilled / self._prefills if self._prefills else 1.0  # mean uncached prompt
-        lw = self.load_weight
-        # owed / per_request: the requests queued there, whom this prefill would delay too
-        cost = [owed_ + prefill * (1 + owed_ / per_request) + lw * other
-                for owed_, prefill, other in zip(owed, uncached, others)]
+        per_request = self._prefilled / self._prefills if self._prefills else 1.0  # the mean uncached prompt
+        kv_may_pass = self._kv_may_pass(req, cands)
+        lw, kv, kv_high, budget, penalty = self.load_weight, self._kv, self.kv_high, req.max_tokens, self.kv_penalty_tokens
+        cost = []
+        for rid, queue, prefill, tokens, my_tokens, usage, cap in zip(
+                ids, owed, uncached, cands.tokens_in_flight, mine, cands.kv_cache_usage, cands.kv_capacity_tokens):
+            other = tokens - my_tokens if tokens > my_tokens else 0  # ledger tokens this policy did not route
+            # queue / per_request: the requests queued there, whom this prefill would delay too
+            c = queue + prefill * (1 + queue / per_request) + lw * other
+            if kv_may_pass and cap:
+                reported, accounted = usage * cap, kv.get(rid, 0) + other
+                adds = prefill + budget  # the KV this request adds there
+                past = (reported if reported > accounted else accounted) + adds - kv_high * cap  # past kv_high
+                if past > 0:  # only this request's own part past the line
+                    c += penalty * (past if past < adds else adds) / cap
+            cost.append(c)
         if req.adapter is not None:
             self._add_adapter_cost(cost, req.adapter, ids, cands.has_adapter)
         if self.max_num_seqs:
             self._add_batch_wait(cost, ids, cands.requests_in_flight)
-        self._add_kv_penalty(cost, req, uncached, others, cands)
         return self._ordered(cost, cands.requests_in_flight, ids)
 
     def _add_batch_wait(self, cost: list[float], ids: Sequence[str], in_flight: Sequence[int]) -> None:
@@ -768,29 +777,18 @@ class KVPilot(Policy):
             queued = [drain * (e - now) if e > now else 0.0 for e in empty_at]
         return [q if q < m else m for q, m in zip(queued, mine)]
 
-    def _add_kv_penalty(self, cost: list[float], req: RoutingRequest, uncached: list[int], others: list[int],
-                        cands: Candidates) -> None:
-        """Add the penalty where this request's KV (capacity known) would land past ``kv_high`` (class docstring)."""
-        caps, usages = cands.kv_capacity_tokens, cands.kv_cache_usage
-        known = [c for c in caps if c]
+    def _kv_may_pass(self, req: RoutingRequest, cands: Candidates) -> bool:
+        """Whether this request's KV could land past ``kv_high`` anywhere (capacity known), by a bound.
+
+        The bound on every replica's use after admission (this policy's KV account is at most the
+        ledger's tokens in flight): the fullest one's, this whole prompt and budget, the smallest cache.
+        """
+        known = [c for c in cands.kv_capacity_tokens if c]
         if not known:
-            return
-        # A bound on every replica's use after admission (the account is at most the ledger's tokens in flight):
-        # the fullest one's, this whole prompt, the smallest cache. Under it, nothing to add.
+            return False
         smallest = min(known)
-        if max(max(usages), max(cands.tokens_in_flight) / smallest) + \
-                (req.prompt_tokens + req.max_tokens) / smallest <= self.kv_high:
-            return
-        kv, kv_high, budget, penalty = self._kv, self.kv_high, req.max_tokens, self.kv_penalty_tokens
-        for i, (rid, cap, usage, other, prefill) in enumerate(zip(cands.replica_id, caps, usages, others, uncached)):
-            if not cap:
-                continue
-            reported, accounted = usage * cap, kv.get(rid, 0) + other
-            in_use = reported if reported > accounted else accounted
-            adds = prefill + budget  # the KV this request adds there
-            past = in_use + adds - kv_high * cap  # tokens past kv_high once it is admitted
-            if past > 0:
-                cost[i] += penalty * (past if past < adds else adds) / cap
+        fullest = max(max(cands.kv_cache_usage), max(cands.tokens_in_flight) / smallest)
+        return fullest + (req.prompt_tokens + req.max_tokens) / smallest > self.kv_high
 
     def _ordered(self, cost: list[float], rifs: Sequence[int], ids: Sequence[str]) -> list[str]:
         """Replica ids by cost; equal costs by fewer requests in flight, then at random."""
