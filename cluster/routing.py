@@ -783,10 +783,12 @@ class KVPilot(Policy):
         The bound on every replica's use after admission (this policy's KV account is at most the
         ledger's tokens in flight): the fullest one's, this whole prompt and budget, the smallest cache.
         """
-        known = [c for c in cands.kv_capacity_tokens if c]
-        if not known:
-            return False
-        smallest = min(known)
+        caps = cands.kv_capacity_tokens
+        smallest = min(caps, default=0)
+        if not smallest:  # some capacity unknown (0): the smallest known one, if any
+            smallest = min((c for c in caps if c), default=0)
+            if not smallest:
+                return False
         fullest = max(max(cands.kv_cache_usage), max(cands.tokens_in_flight) / smallest)
         return fullest + (req.prompt_tokens + req.max_tokens) / smallest > self.kv_high
 
