@@ -11,15 +11,21 @@ capacity (22,089 blocks), a 512-token system prompt cached everywhere, and an
 8k-token prompt (512 blocks) whose first 4k tokens one replica holds.
 
     .venv/bin/python benchmarks/sim_router_decision.py [--replicas 64] [--prompt-tokens 8192] [--n 3000]
+        [--against REV]
 
 Prints p50/p99 in microseconds of the whole decision and of each part, per policy: match is
 the part of snapshot spent in ``match_all``, timed on its own; account is ``on_routed``.
+``--against REV``: each policy also as ``cluster/routing.py`` was at git revision REV (its row
+named ``policy@REV``), the two timed in turns, decision by decision, so both see the same load;
+then the ratio of their medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import subprocess
+import types
 import statistics
 import sys
 import time
@@ -86,12 +92,32 @@ def decide(policy, rids, index, ledger, stats, req, cap_tokens: int, times: dict
     return choice
 
 
+def routing_at(rev: str) -> types.ModuleType:
+    """``cluster/routing.py`` as it was at git revision ``rev``, loaded as a module of its own."""
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "show", f"{rev}:cluster/routing.py"], cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    mod = types.ModuleType(f"routing_at_{rev}")
+    sys.modules[mod.__name__] = mod  # dataclasses look their module up
+    exec(compile(src, f"{rev}:cluster/routing.py", "exec"), mod.__dict__)
+    return mod
+
+
+def _row(label: str, times: dict[str, list[float]]) -> str:
+    match = f"{statistics.median(times['match']):>11.1f}" if times["match"] else f"{'-':>11}"
+    return (f"{label:<16}{statistics.median(times['total']):>10.1f}{_pct(times['total'], 99):>9.1f}{match}"
+            f"{statistics.median(times['snapshot']):>14.1f}"
+            f"{statistics.median(times['rank']):>10.1f}{_pct(times['rank'], 99):>10.1f}"
+            f"{statistics.median(times['account']):>13.1f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--replicas", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=8192)
     ap.add_argument("--n", type=int, default=3000, help="decisions per policy")
     ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--against", help="a git revision: time each policy of its cluster/routing.py too, in turns")
     ns = ap.parse_args()
     rng = random.Random(0)
     rids, index, ledger, stats, req = setup(ns.replicas, ns.prompt_tokens, rng)
@@ -108,21 +134,27 @@ def main() -> int:
           f"p50 {statistics.median(hash_us):.1f}, p99 {_pct(hash_us, 99):.1f}")
     print(f"{'policy':<16}{'total p50':>10}{'p99':>9}{'match p50':>11}{'snapshot p50':>14}{'rank p50':>10}"
           f"{'rank p99':>10}{'account p50':>13}")
+    builders = [("", make_policy)]
+    if ns.against:
+        builders.append((f"@{ns.against}", routing_at(ns.against).make_policy))
     for name in ns.policies.split(","):
-        clock = [0.0]
-        extra = {"clock": lambda: clock[0]} if name == "kvpilot" else None
-        policy = make_policy(name, extra, seed=1)
-        times: dict[str, list[float]] = {"match": [], "snapshot": [], "rank": [], "account": [], "total": []}
+        runs = []  # (label, policy, its clock, its times): timed in turns, one decision each
+        for suffix, build in builders:
+            clock = [0.0]
+            extra = {"clock": lambda clock=clock: clock[0]} if name == "kvpilot" else None
+            runs.append((name + suffix, build(name, extra, seed=1), clock,
+                         {"match": [], "snapshot": [], "rank": [], "account": [], "total": []}))
         for i in range(ns.n + 200):
-            clock[0] = i * 0.01
-            decide(policy, rids, index, ledger, stats, req, KV_BLOCKS * 16, times)
-        for k in times:
-            del times[k][:200]  # warm-up
-        match = f"{statistics.median(times['match']):>11.1f}" if times["match"] else f"{'-':>11}"
-        print(f"{name:<16}{statistics.median(times['total']):>10.1f}{_pct(times['total'], 99):>9.1f}{match}"
-              f"{statistics.median(times['snapshot']):>14.1f}"
-              f"{statistics.median(times['rank']):>10.1f}{_pct(times['rank'], 99):>10.1f}"
-              f"{statistics.median(times['account']):>13.1f}")
+            for _, policy, clock, times in runs:
+                clock[0] = i * 0.01
+                decide(policy, rids, index, ledger, stats, req, KV_BLOCKS * 16, times)
+        for label, _, _, times in runs:
+            for k in times:
+                del times[k][:200]  # warm-up
+            print(_row(label, times))
+        if len(runs) == 2:
+            ratio = statistics.median(runs[0][3]["total"]) / statistics.median(runs[1][3]["total"])
+            print(f"{'':<16}total p50 ratio {runs[0][0]} / {runs[1][0]}: {ratio:.2f}")
     return 0
 
 

@@ -535,15 +535,18 @@ class SGLang(Policy):
 
 
 class KVPilot(Policy):
-    """kvpilot: send the request where its first token is expected soonest, without overflowing KV.
+    """kvpilot: send the request where its first token is expected soonest, counting the requests its prefill
+    delays, without overflowing KV.
 
     Per replica, in prompt tokens (tokens / ``prefill_tokens_per_s`` = seconds):
 
         cost = prefill owed there             (a virtual FIFO queue, see below)
              + uncached prompt tokens         (this request's own prefill there: its prompt minus
-                                               the leading blocks the prefix index says are cached)
+               × (1 + requests queued there)   the leading blocks the prefix index says are cached;
+                                               see *queued* below for the factor)
              + load_weight × unaccounted tokens in flight
-             + kv_penalty_tokens × (KV use after admission − kv_high), when that is positive
+             + kv_penalty_tokens × the part of this request's KV (uncached prompt + budget) that
+                                  lands past kv_high, as a fraction of capacity (see *KV* below)
              + adapter_load_tokens            (a LoRA request on a replica that does not hold its
                                                adapter: the load delays its first token like a prefill)
              + adapter_wait_s × drain rate    (a LoRA request on a replica whose ``max_loras`` slots are
@@ -567,11 +570,25 @@ class KVPilot(Policy):
     *Unaccounted tokens in flight* are ledger tokens this policy did not route (another
     router's, or all of them for a fresh policy): treated as queued work, at ``load_weight``.
 
-    The prefix term makes cache reuse worth exactly the prefill it saves, so reuse wins
+    *Requests queued there* is the prefill owed there in requests (owed tokens over the mean
+    uncached prompt this policy has routed). A prefill delays not only its own request but the
+    later ones that queue behind it, and a queue in steady state holds about as many requests as
+    arrive during one wait (Little's law), so the uncached tokens count once for this request
+    and once per request queued there. An idle replica (nothing owed) charges them once, as a
+    plain TTFT estimate would; where every replica has a queue (overload) recomputing a prefix
+    elsewhere costs the whole cluster capacity it lacks, and cache reuse wins over balance.
+
+    *KV*: the KV in use on a replica is the larger of the engine's last (stale) report and this
+    policy's account, which counts each request it routed there as its uncached prompt plus its
+    budget (cached blocks are shared, not new), plus the unaccounted ledger tokens. Only the part
+    of this request's own KV past ``kv_high`` is charged: a replica it would push past the line
+    costs the crossing part, and among replicas already past it the fullest is not avoided for
+    being fuller (all of them queue it for KV alike) but the request that adds less KV there
+    (a cached prefix) is preferred.
+
+    The prefix term makes cache reuse worth at least the prefill it saves, so reuse wins
     among comparable queues, and a replica that holds a popular prefix stops attracting
-    it once its queue is longer than recomputing the prefix elsewhere (replication).
-    KV demand after admission is the larger of the engine's last (stale) report and the
-    ledger's tokens in flight, plus this request's uncached prompt and output budget.
+    it once its queue is longer than recomputing the prefix on an idle replica (replication).
 
     So a replica holding the request's adapter wins among comparable loads, and a hot adapter
     spreads to more replicas once its holders' queues exceed the others' by more than a load
@@ -635,23 +652,39 @@ class KVPilot(Policy):
         self.clock = clock or time.monotonic
         self._empty_at: dict[str, float] = {}  # replica -> when the prefill this policy queued there is done
         self._mine: dict[str, int] = {}  # replica -> tokens (prompt + budget) this policy has in flight there
+        self._kv: dict[str, int] = {}  # replica -> KV those requests add there (uncached prompt + budget)
+        self._kv_of: dict[str, dict[tuple[int, int], list[int]]] = {}  # replica -> (prompt, budget) -> KV each added
+        self._prefilled, self._prefills = 0, 0  # uncached tokens routed, requests routed: their mean sizes a queue
 
     def rank(self, req, replicas):
         return self.rank_columns(req, Candidates.of(replicas))
 
     def rank_columns(self, req, cands):
-        now, ids, tifs = self.clock(), cands.replica_id, cands.tokens_in_flight
-        mine = [self._mine.get(rid, 0) for rid in ids]
+        """Replica ids, cheapest first, by the cost of the class docstring."""
+        ids = cands.replica_id
+        mine = [self._mine.get(rid, 0) for rid in ids]  # tokens this policy has in flight on each
+        owed = self._owed(ids, mine, self.clock())
         uncached = self._uncached(req.prompt_tokens, cands.cached_blocks)
-        owed = self._owed(ids, mine, now)
-        lw = self.load_weight
-        unaccounted = [t - m if t > m else 0 for t, m in zip(tifs, mine)]
-        cost = [u + o + lw * x for u, o, x in zip(uncached, owed, unaccounted)]
+        per_request = self._prefilled / self._prefills if self._prefills else 1.0  # the mean uncached prompt
+        kv_may_pass = self._kv_may_pass(req, cands)
+        lw, kv, kv_high, budget, penalty = self.load_weight, self._kv, self.kv_high, req.max_tokens, self.kv_penalty_tokens
+        cost = []
+        for rid, queue, prefill, tokens, my_tokens, usage, cap in zip(
+                ids, owed, uncached, cands.tokens_in_flight, mine, cands.kv_cache_usage, cands.kv_capacity_tokens):
+            other = tokens - my_tokens if tokens > my_tokens else 0  # ledger tokens this policy did not route
+            # queue / per_request: the requests queued there, whom this prefill would delay too
+            c = queue + prefill * (1 + queue / per_request) + lw * other
+            if kv_may_pass and cap:
+                reported, accounted = usage * cap, kv.get(rid, 0) + other
+                adds = prefill + budget  # the KV this request adds there
+                past = (reported if reported > accounted else accounted) + adds - kv_high * cap  # past kv_high
+                if past > 0:  # only this request's own part past the line
+                    c += penalty * (past if past < adds else adds) / cap
+            cost.append(c)
         if req.adapter is not None:
             self._add_adapter_cost(cost, req.adapter, ids, cands.has_adapter)
         if self.max_num_seqs:
             self._add_batch_wait(cost, ids, cands.requests_in_flight)
-        self._add_kv_penalty(cost, req, uncached, cands)
         return self._ordered(cost, cands.requests_in_flight, ids)
 
     def _add_batch_wait(self, cost: list[float], ids: Sequence[str], in_flight: Sequence[int]) -> None:
@@ -690,7 +723,13 @@ class KVPilot(Policy):
 
     def on_routed(self, req, replica_id, cached_blocks=0):
         now, mine = self.clock(), self._mine.get(replica_id, 0)
-        owed = self._owed([replica_id], [mine], now)[0] + self._uncached(req.prompt_tokens, [cached_blocks])[0]
+        prefill = self._uncached(req.prompt_tokens, [cached_blocks])[0]
+        self._prefilled += prefill
+        self._prefills += 1
+        kv = prefill + req.max_tokens
+        self._kv[replica_id] = self._kv.get(replica_id, 0) + kv
+        self._kv_of.setdefault(replica_id, {}).setdefault((req.prompt_tokens, req.max_tokens), []).append(kv)
+        owed = self._owed([replica_id], [mine], now)[0] + prefill
         if req.adapter is not None and not (self.adapters is not None and self.adapters.resident(replica_id, req.adapter)):
             owed += self.adapter_load_tokens  # the replica loads the adapter before this prefill
         self._empty_at[replica_id] = now + owed / self._drain.get(replica_id, self.drain_rate)
@@ -706,12 +745,17 @@ class KVPilot(Policy):
                 held[req.adapter] -= 1
             else:
                 del held[req.adapter]
+        sizes, size = self._kv_of.get(replica_id, {}), (req.prompt_tokens, req.max_tokens)
+        if size in sizes:  # one request of that size routed there: the KV it added goes
+            self._kv[replica_id] -= sizes[size].pop()
+            if not sizes[size]:
+                del sizes[size]
         left = self._mine.get(replica_id, 0) - req.prompt_tokens - req.max_tokens
         if left > 0:
             self._mine[replica_id] = left
         else:  # nothing of this policy's left there: it owes nothing, and its entries go
-            self._mine.pop(replica_id, None)
-            self._empty_at.pop(replica_id, None)
+            for account in (self._mine, self._empty_at, self._kv, self._kv_of):
+                account.pop(replica_id, None)
 
     def _uncached(self, prompt: int, cached_blocks: Sequence[int]) -> list[int]:
         """Prompt tokens each replica must compute: all but its cached blocks, and always the last token."""
@@ -733,24 +777,20 @@ class KVPilot(Policy):
             queued = [drain * (e - now) if e > now else 0.0 for e in empty_at]
         return [q if q < m else m for q, m in zip(queued, mine)]
 
-    def _add_kv_penalty(self, cost: list[float], req: RoutingRequest, uncached: list[int], cands: Candidates) -> None:
-        """Add the penalty where KV use after admission (capacity known) would pass ``kv_high``."""
-        kv_high, budget, caps = self.kv_high, req.max_tokens, cands.kv_capacity_tokens
-        usages, tifs = cands.kv_cache_usage, cands.tokens_in_flight
-        known = [c for c in caps if c]
-        if not known:
-            return
-        # A bound on every replica's use after admission: the fullest one's, this whole prompt, the smallest cache.
-        smallest = min(known)
-        if max(max(usages), max(tifs) / smallest) + (req.prompt_tokens + budget) / smallest <= kv_high:
-            return
-        # KV tokens in use (the engine's last report or the ledger, the larger) plus this request's, over capacity
-        excess = [((u * cap if u * cap > t else t) + x + budget) / cap - kv_high if cap else 0.0
-                  for u, t, x, cap in zip(usages, tifs, uncached, caps)]
-        kvp = self.kv_penalty_tokens
-        for i, e in enumerate(excess):
-            if e > 0:
-                cost[i] += kvp * e
+    def _kv_may_pass(self, req: RoutingRequest, cands: Candidates) -> bool:
+        """Whether this request's KV could land past ``kv_high`` anywhere (capacity known), by a bound.
+
+        The bound on every replica's use after admission (this policy's KV account is at most the
+        ledger's tokens in flight): the fullest one's, this whole prompt and budget, the smallest cache.
+        """
+        caps = cands.kv_capacity_tokens
+        smallest = min(caps, default=0)
+        if not smallest:  # some capacity unknown (0): the smallest known one, if any
+            smallest = min((c for c in caps if c), default=0)
+            if not smallest:
+                return False
+        fullest = max(max(cands.kv_cache_usage), max(cands.tokens_in_flight) / smallest)
+        return fullest + (req.prompt_tokens + req.max_tokens) / smallest > self.kv_high
 
     def _ordered(self, cost: list[float], rifs: Sequence[int], ids: Sequence[str]) -> list[str]:
         """Replica ids by cost; equal costs by fewer requests in flight, then at random."""

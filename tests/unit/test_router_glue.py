@@ -289,14 +289,15 @@ def test_router_prefers_the_replica_that_reports_the_adapter_until_it_is_busier(
     router = _router(**FROZEN, block_tokens=128)
     replicas = [_Replica(_ID("x"), {"adapters": []}), _Replica(_ID("y"), {"adapters": ["sql"]})]
     sent = []
-    for i in range(3):  # 200-token prompts: the holder wins while its queue is under the 512-token load
+    for i in range(2):  # 200-token prompts: the holder wins while its queue costs less than the 512-token load
         p = _lora_pending(f"a{i}", "sql")
         uid = _choose(router, replicas, p)[0]
         _route(router, p, uid)
         sent.append(uid)
-    # y owes 200, then 400 tokens, below the load x would pay; at 600 owed, x (load 512 + 200) is cheaper
-    assert sent == ["y", "y", "y"]
-    p = _lora_pending("a3", "sql")
+    # y empty costs 200; owing 200 (one request queued), 200 + 200 x 2 = 600, under x's 512 + 200; owing 400
+    # (two queued), 400 + 200 x 3 = 1000: x is cheaper
+    assert sent == ["y", "y"]
+    p = _lora_pending("a2", "sql")
     assert _choose(router, replicas, p)[0] == "x"  # the hot adapter spreads
     _route(router, p, "x")
     assert router._adapters.resident("x", "sql")  # routed there: held from now on (the load is queued there)

@@ -82,6 +82,31 @@ def test_kvpilot_avoids_a_replica_whose_kv_cache_would_overflow():
     assert p.rank(req, [full, roomy])[0] == "b"
 
 
+def test_kvpilot_keeps_cache_reuse_when_every_replica_has_a_queue():
+    p = make_policy("kvpilot", {"clock": lambda: 0.0})
+    for rid in ("a", "a", "b"):
+        p.on_routed(_req(tokens=5000), rid)  # a owes two 5000-token prefills, b one
+    req = _req(tokens=4100, shared=4000)
+    holder, busy, idle = _r("a", cached_blocks=250), _r("b"), _r("c")
+    # Recomputing the prefix on b would be sooner for this request (5000 + 4100 < 10000 + 100) but delays the
+    # request queued there as well: with no replica idle, the holder is cheaper (10000 + 100 x 3 < 5000 + 4100 x 2).
+    assert p.rank(req, [holder, busy])[0] == "a"
+    assert p.rank(req, [holder, busy, idle])[0] == "c"  # an idle replica replicates the prefix at no one's cost
+
+
+def test_kvpilot_among_full_replicas_prefers_the_one_its_kv_adds_least_to():
+    p = make_policy("kvpilot")
+    req = _req(tokens=4100, max_tokens=100, shared=4000)
+    fuller_cached = _r("a", kv_cache_usage=0.95, kv_capacity_tokens=100_000, cached_blocks=250)
+    full_cold = _r("b", kv_cache_usage=0.90, kv_capacity_tokens=100_000)
+    # Both past kv_high once admitted: a gets 200 tokens of new KV, b 4200; a being fuller does not matter.
+    assert p.rank(req, [fuller_cached, full_cold])[0] == "a"
+    roomy = _r("c", kv_cache_usage=0.10, kv_capacity_tokens=100_000)
+    # Without the cached prefix, a's KV would take 4200 tokens past the line too: the roomy replica wins.
+    fuller = _r("a", kv_cache_usage=0.95, kv_capacity_tokens=100_000)
+    assert p.rank(req, [fuller, full_cold, roomy])[0] == "c"
+
+
 def test_every_policy_returns_a_permutation():
     reps = [_r(str(i), requests_in_flight=i, tokens_in_flight=100 * i, kv_cache_usage=i / 10,
                num_waiting=i, cached_blocks=i, index_blocks=10 * i) for i in range(5)]
@@ -167,12 +192,16 @@ def _kvpilot_cost(p, req, r: ReplicaLoad, now: float) -> float:
     owed = min(max(0.0, p.drain_rate * (p._empty_at.get(r.replica_id, now) - now)), mine)
     uncached = req.prompt_tokens - min(req.prompt_tokens - 1, r.cached_blocks * p.block_tokens) \
         if r.cached_blocks and req.prompt_tokens > 0 else req.prompt_tokens
-    cost = uncached + owed + p.load_weight * max(0, r.tokens_in_flight - mine)
+    others = max(0, r.tokens_in_flight - mine)
+    queued = owed / (p._prefilled / p._prefills) if p._prefills else 0.0  # owed tokens in mean uncached prompts
+    cost = owed + uncached * (1 + queued) + p.load_weight * others
     if r.kv_capacity_tokens:
         cap = r.kv_capacity_tokens
-        after = (max(r.kv_cache_usage * cap, r.tokens_in_flight) + uncached + req.max_tokens) / cap
-        if after > p.kv_high:
-            cost += p.kv_penalty_tokens * (after - p.kv_high)
+        in_use = max(r.kv_cache_usage * cap, p._kv.get(r.replica_id, 0) + others)
+        adds = uncached + req.max_tokens
+        past = in_use + adds - p.kv_high * cap  # KV tokens past kv_high once admitted
+        if past > 0:
+            cost += p.kv_penalty_tokens * min(past, adds) / cap  # only this request's part past the line
     return cost
 
 
@@ -207,7 +236,7 @@ def test_kvpilot_ranks_by_its_documented_cost_through_routes_finishes_and_time()
         live.append((chosen, req))
     for rid, req in live:
         p.on_finished(req, rid)
-    assert not p._mine and not p._empty_at  # every request given back: nothing left owed
+    assert not p._mine and not p._empty_at and not p._kv and not p._kv_of  # every request given back: nothing left
 
 
 def test_ranking_changes_no_account_only_the_hooks_do():
