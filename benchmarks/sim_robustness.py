@@ -3,7 +3,8 @@ several workloads and replica bounds against the smallest fixed replica count th
 
     flock /tmp/kvpilot-heavy.lock .venv/bin/python benchmarks/sim_robustness.py [--part routing|autoscaling|both]
         [--workloads mooncake,azure,shared_prefix,...] [--requests 1500] [--scales 0.5,1,1.5,2,2.5] [--jobs 2]
-        [--json benchmarks/results/robustness-DATE.json]
+        [--autoscale-workloads azure,multiscale_bursts,long_prompt_bursts,overload] [--autoscale-minutes 60]
+        [--bounds 2..12,2..24] [--json benchmarks/results/robustness-DATE.json]
 
 Workloads: the two traces in benchmarks/traces/ (``mooncake``, ``azure``: their first --requests
 requests, skipped with a message when the folder is absent) and the generators of
