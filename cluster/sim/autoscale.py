@@ -29,10 +29,11 @@ Autoscalers (``AUTOSCALERS``):
     ``current_num_replicas``), ``target_replicas`` = the current target (Ray's
     ``target_num_replicas``), the capacity = the planner's KV tokens per replica,
     Serve's own delays 0 (``cluster.placement`` sets them so). Config:
-    ``AutoscalingConfig()`` with ``startup_s`` = the simulated start-up and
-    ``itl_floor_s`` = one request's inter-token latency from the step model
-    (``single_stream_itl_s``): what a user is told to set. Replicas report
-    ``generation_rate`` (generated tokens per second) like the live engine.
+    ``AutoscalingConfig()`` with ``startup_s`` = the simulated start-up, nothing else
+    set. Replicas report ``generation_rate`` (generated tokens per second) and what
+    the live replica measures of its engine: ``itl_floor_s`` from an
+    ``EngineCalibrator`` fed every all-decode step of the simulated engine (as the
+    live stat logger feeds it), and ``kv_capacity_tokens`` (blocks × block size).
 ``ray_default``
     Ray Serve's ``replica_queue_length_autoscaling_policy``: desired =
     ceil(mean ongoing requests over ``look_back_period_s`` / ``target_ongoing_requests``),
@@ -63,8 +64,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cluster.autoscaling import ReplicaSignals, ScalerState, ScalingInput, decide
+from cluster.calibration import EngineCalibrator
 from cluster.config import AutoscalingConfig
-from cluster.sim.cluster import READY, STARTING, STOPPED, SimCluster
+from cluster.sim.cluster import READY, STARTING, STOPPED, ReplicaSlot, SimCluster
 from cluster.sim.metrics import PolicyResult, summarize
 from cluster.sim.simulator import Setup
 from cluster.sim.workload import Workload
@@ -88,7 +90,7 @@ def default_startup_s(setup: Setup) -> float:
 
 def single_stream_itl_s(setup: Setup) -> float:
     """Inter-token latency of one replica decoding one sequence (the step model's decode step of batch 1):
-    what a user measures with a single request and sets as ``autoscaling.itl_floor_s``."""
+    what a user would measure with a single request; the replicas' calibrators measure it from traffic."""
     return setup.step.step_ms(0, 0.0, 1, 0) / 1e3
 
 
@@ -128,13 +130,10 @@ class Autoscaler:
 class KVPilotScaler(Autoscaler):
     name = "kvpilot"
 
-    def __init__(self, kv_capacity_tokens: int, startup_s: float, single_stream_itl: float | None = None,
-                 **params: float):
+    def __init__(self, kv_capacity_tokens: int, startup_s: float, **params: float):
         self.defaults = {k: None if v.default is None else float(v.default)
                          for k, v in AutoscalingConfig.model_fields.items()}
         self.defaults["startup_s"] = float(startup_s)  # what a user sets for this model
-        if single_stream_itl is not None:
-            self.defaults["itl_floor_s"] = float(single_stream_itl)  # likewise: one request's inter-token latency
         super().__init__(**params)
         try:
             self.cfg = AutoscalingConfig.model_validate(self.params)
@@ -270,8 +269,7 @@ TUNED: dict[str, dict[str, float]] = {
 def make_autoscaler(name: str, setup: Setup, startup_s: float, params: dict[str, float] | None = None) -> Autoscaler:
     params = dict(params or {})
     if name == "kvpilot":
-        return KVPilotScaler(setup.plan.num_blocks * setup.plan.block_size, startup_s, single_stream_itl_s(setup),
-                             **params)
+        return KVPilotScaler(setup.plan.num_blocks * setup.plan.block_size, startup_s, **params)
     cls = {"ray_default": RayDefaultScaler, "queue": QueueScaler, "kv_target": KVTargetScaler}.get(name)
     if cls is None:
         raise ValueError(f"--autoscalers: {name!r} is not one of {', '.join(AUTOSCALERS)}")
@@ -348,7 +346,7 @@ def _run(workload: Workload, scaler: Autoscaler, setup: Setup, lo: int, hi: int,
     loop = ScalingLoop(scaler, lo, hi, startup_s, period_s)
     cluster = SimCluster(setup, routing, routing_params, periodic=loop)
     for _ in range(initial):
-        cluster.add_replica(0.0, 0.0)
+        _calibrated(cluster.add_replica(0.0, 0.0))
     loop.changed(cluster, 0.0)
     cluster.run(workload.requests, progress)
     end = cluster.now  # the last completion
@@ -366,6 +364,15 @@ def _run(workload: Workload, scaler: Autoscaler, setup: Setup, lo: int, hi: int,
         replicas_mean=area / end if end > 0 else billed[0], replicas_max=max(billed),
         scale_ups=loop.scale_ups, scale_downs=loop.scale_downs, replicas_started=len(cluster.replicas) - initial,
         end_s=end, startup_s=startup_s, timeline=loop.timeline, decisions=loop.decisions)
+
+
+def _calibrated(slot: ReplicaSlot) -> ReplicaSlot:
+    """A replica that measures its engine as the live one does (``deployments/engine.py``): its ITL floor from
+    its own decode steps, its KV capacity from the blocks its engine allocated."""
+    cal = EngineCalibrator()
+    cal.kv_capacity_tokens = slot.engine.num_blocks * slot.engine.block
+    slot.engine.calibrator = cal
+    return slot
 
 
 class ScalingLoop:
@@ -397,7 +404,8 @@ class ScalingLoop:
             slot.rate_since_s = now
             slot.tokens_processed_then, slot.tokens_generated_then = engine.tokens_processed, engine.tokens_generated
             signals.append(ReplicaSignals(engine.usage(), float(len(engine.running)), float(len(engine.waiting)),
-                                          rate, generation_rate=generated))
+                                          rate, generation_rate=generated, itl_floor_s=engine.calibrator.itl_floor_s(),
+                                          kv_capacity_tokens=engine.calibrator.kv_capacity_tokens))
             ongoing += slot.in_flight(cluster.ledger)
         target = len(cluster.starting()) + len(cluster.routable)
         return Observation(now, len(cluster.routable), target, tuple(signals), ongoing, 0.0, self.min_replicas,
@@ -411,7 +419,7 @@ class ScalingLoop:
         if desired > target:
             self.scale_ups += 1
             for _ in range(desired - target):
-                cluster.add_replica(now, now + self.startup_s)
+                _calibrated(cluster.add_replica(now, now + self.startup_s))
         elif desired < target:
             self.scale_downs += 1
             cancelled = starting[::-1][:target - desired]

@@ -104,6 +104,10 @@ class Replica:
         self.t_end = 0.0
         self._sched: list[tuple[SimRequest, int]] = []
         self._macro: tuple[float, int, float, float] | None = None  # (t0, k, a, b) of a repeated decode step
+        self._all_decode = False  # the current step only decodes (no prompt token in it)
+        # What the live replica's stat logger feeds (cluster.calibration.EngineCalibrator.observe_decode):
+        # each all-decode step's batch and smallest inter-token latency. None: not calibrating.
+        self.calibrator = None
         # statistics
         self.tokens_processed = 0
         self.tokens_generated = 0  # output tokens sampled (vLLM's generation tokens)
@@ -355,6 +359,7 @@ class Replica:
             self._sched = []
             return
         dt, all_decode = self._duration(sched)
+        self._all_decode = all_decode
         self.busy = True
         self._sched = sched
         self._macro = None
@@ -417,10 +422,25 @@ class Replica:
         self.t_end = t0 + j * a + b * j * (j - 1) / 2
         return True
 
+    def _calibrate(self, sched: list[tuple[SimRequest, int]], now: float) -> None:
+        """Feed the calibrator the all-decode step(s) ending at ``now``, one sample per engine step as the live
+        stat logger does; a repeated decode step is its k steps (the last ``window`` of them: all a bucket keeps)."""
+        cal, batch = self.calibrator, len(sched)
+        if self._macro is None:
+            cal.observe_decode(batch, min(now - req.last_t for req, _ in sched))
+            return
+        t0, k, a, b = self._macro
+        first = t0 + a
+        cal.observe_decode(batch, min(first - req.last_t for req, _ in sched))
+        for j in range(max(2, k - cal.window + 1), k + 1):  # step j takes a + b (j - 1)
+            cal.observe_decode(batch, a + b * (j - 1))
+
     def end_step(self, now: float) -> list[SimRequest]:
         """Apply the step that ends at ``now``; start the next. Returns the requests that finished."""
         done: list[SimRequest] = []
         sched = self._sched
+        if self.calibrator is not None and self._all_decode and sched:
+            self._calibrate(sched, now)
         if self._macro is not None:
             t0, k, a, b = self._macro
             first = t0 + a

@@ -13,8 +13,15 @@ requests/s; the sweep (``benchmarks/sim_robustness.py``) scales it.
     Chat-like lengths (prompt lognormal, median 1,500; output median 200) with the rate
     modulated at three time scales at once (square waves of 20 s, 3 min and 15 min periods,
     each ×2.2 on / ×0.4 off): bursts shorter than a replica's start-up, and longer ones.
+    (Both bursty generators start every wave in its on half, or with ``off_first`` in its off half.)
 ``long_prompt_short_output``
     Prompts 6k–24k tokens, outputs 8–64: prefill-bound (summaries, RAG, classification).
+``long_prompt_bursts``
+    Prompts 2k–8k tokens, outputs 8–64, arriving in bursts at two time scales (square waves of
+    2 min and 15 min periods, ×2.2 on / ×0.4 off): a prefill-bound load whose peaks outlast a
+    replica's start-up. The longest prompt prefills alone in about 1.3 s on the default 70B
+    setup, inside the 2 s TTFT target (``long_prompt_short_output``'s longer prompts cannot meet
+    it at any replica count, so its attainment measures the SLO, not an autoscaler).
 ``overload``
     Chat-like lengths; the rate ramps from 0.3× to 3× the given mean and back (a triangle
     over the run), so a part of the run is past any fixed capacity.
@@ -60,20 +67,27 @@ def shared_prefix(rate: float, n: int, seed: int = 0, tenants: int = 64) -> Work
                    notes=[f"{tenants} tenants, system prompts 2k-12k tokens, Zipf 1.1, Poisson {rate:g} req/s, seed {seed}"])
 
 
-def multiscale_bursts(rate: float, n: int, seed: int = 0) -> Workload:
-    rng = random.Random(seed)
-    periods, hi, lo = (20.0, 180.0, 900.0), 2.2, 0.4
+def _square_waves(rate: float, periods: tuple[float, ...], hi: float = 2.2, lo: float = 0.4, off_first: bool = False):
+    """Intensity ``rate`` modulated by independent square waves (×hi on, ×lo off), mean ``rate``; and its peak.
+    Each wave starts in its on half, or (``off_first``) in its off half."""
     norm = ((hi + lo) / 2) ** len(periods)  # the mean of the product of independent square waves
 
     def rate_at(t: float) -> float:
         m = 1.0
         for p in periods:
-            m *= hi if (t % p) < p / 2 else lo
+            m *= hi if ((t % p) < p / 2) != off_first else lo
         return rate * m / norm
 
-    raw = [(t, *_chat_lengths(rng), ()) for t in _arrivals(rng, n, rate_at, rate * hi ** 3 / norm)]
+    return rate_at, rate * hi ** len(periods) / norm
+
+
+def multiscale_bursts(rate: float, n: int, seed: int = 0, off_first: bool = False) -> Workload:
+    rng = random.Random(seed)
+    rate_at, peak = _square_waves(rate, (20.0, 180.0, 900.0), off_first=off_first)
+    raw = [(t, *_chat_lengths(rng), ()) for t in _arrivals(rng, n, rate_at, peak)]
     return _finish("multiscale_bursts", "synthetic", raw, time_scale=1.0, max_requests=None, max_model_len=None,
-                   notes=[f"bursts at 20 s, 3 min and 15 min periods around {rate:g} req/s, seed {seed}"])
+                   notes=[f"bursts at 20 s, 3 min and 15 min periods around {rate:g} req/s, seed {seed}"
+                          + (", waves start off" if off_first else "")])
 
 
 def long_prompt_short_output(rate: float, n: int, seed: int = 0) -> Workload:
@@ -81,6 +95,15 @@ def long_prompt_short_output(rate: float, n: int, seed: int = 0) -> Workload:
     raw = [(t, rng.randint(6000, 24000), rng.randint(8, 64), ()) for t in _arrivals(rng, n, lambda _t: rate, rate)]
     return _finish("long_prompt_short_output", "synthetic", raw, time_scale=1.0, max_requests=None,
                    max_model_len=None, notes=[f"prompts 6k-24k, outputs 8-64, Poisson {rate:g} req/s, seed {seed}"])
+
+
+def long_prompt_bursts(rate: float, n: int, seed: int = 0, off_first: bool = False) -> Workload:
+    rng = random.Random(seed)
+    rate_at, peak = _square_waves(rate, (120.0, 900.0), off_first=off_first)
+    raw = [(t, rng.randint(2000, 8000), rng.randint(8, 64), ()) for t in _arrivals(rng, n, rate_at, peak)]
+    return _finish("long_prompt_bursts", "synthetic", raw, time_scale=1.0, max_requests=None, max_model_len=None,
+                   notes=[f"prompts 2k-8k, outputs 8-64, bursts at 2 min and 15 min periods around {rate:g} req/s, "
+                          f"seed {seed}" + (", waves start off" if off_first else "")])
 
 
 def overload(rate: float, n: int, seed: int = 0) -> Workload:
@@ -98,5 +121,5 @@ def overload(rate: float, n: int, seed: int = 0) -> Workload:
 
 
 SYNTHETIC: dict[str, Callable[..., Workload]] = {
-    f.__name__: f for f in (shared_prefix, multiscale_bursts, long_prompt_short_output, overload)
+    f.__name__: f for f in (shared_prefix, multiscale_bursts, long_prompt_short_output, long_prompt_bursts, overload)
 }

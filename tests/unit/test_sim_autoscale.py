@@ -149,3 +149,34 @@ def test_bad_autoscale_input_names_the_flag(args, flag, tmp_path):
     trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,100,10\n")
     with pytest.raises(ValueError, match=flag):
         run_simulate(_parse("--autoscale", "--trace", str(trace), *args), Console())
+
+
+class Recorder(Autoscaler):
+    """Keeps the count; records what each tick's replicas reported."""
+
+    name = "recorder"
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[float, tuple[ReplicaSignals, ...]]] = []
+
+    def __call__(self, obs: Observation):
+        self.seen.append((obs.now, obs.replicas))
+        return obs.target, "keep"
+
+
+def test_sim_replicas_measure_their_itl_floor_as_live_ones_do():
+    # Never one sequence alone after the first seconds: ~40 decode together, yet the floor the replica reports
+    # (its calibrator's, fed by the engine's decode steps) is one sequence's step time, not the loaded ITL.
+    from cluster.sim.autoscale import make_autoscaler, single_stream_itl_s
+
+    rec = Recorder()
+    simulate_autoscale(_workload((4.0, 0, 120)), rec, SETUP, min_replicas=1, max_replicas=1, startup_s=0.0)
+    floors = [r.itl_floor_s for _, reps in rec.seen for r in reps if r.itl_floor_s is not None]
+    assert floors, "no replica reported a measured ITL floor"
+    one = single_stream_itl_s(SETUP)
+    assert floors[-1] == pytest.approx(one, rel=0.1)
+    assert all(r.kv_capacity_tokens == SETUP.plan.num_blocks * SETUP.plan.block_size
+               for _, reps in rec.seen for r in reps)
+    # the kvpilot autoscaler is given no floor: it uses the replicas' measurement (defaults only)
+    assert make_autoscaler("kvpilot", SETUP, 133.0).cfg.itl_floor_s is None

@@ -26,3 +26,15 @@ def test_tenants_share_their_system_prompt_blocks():
     assert first[:shared] == second[:shared] and first[shared] != second[shared]
     other = next(v for v in by_tenant.values() if v is not tenant)[0].block_hashes()
     assert other[0] != first[0]
+
+
+@pytest.mark.parametrize("name", ["multiscale_bursts", "long_prompt_bursts"])
+def test_bursts_can_start_in_their_off_half(name):
+    # the first 7.5 min (half the longest wave) are a burst by default, quiet with off_first: the next half is the burst
+    on, off = SYNTHETIC[name](2.0, 3000, seed=3), SYNTHETIC[name](2.0, 3000, seed=3, off_first=True)
+
+    def first_half(w):
+        return sum(1 for r in w.requests if r.arrival_s < 450)
+
+    assert first_half(off) * 3 < first_half(on)
+    assert sum(1 for r in off.requests if 450 <= r.arrival_s < 900) > 3 * first_half(off)
