@@ -28,7 +28,7 @@ COPY --chown=ray:users deployments /home/ray/kvpilot-src/deployments
 # imports the installed package, not the source tree.
 RUN pip install --no-cache-dir "/home/ray/kvpilot-src[gpu]" \
     && cd / \
-    && python -c "import importlib.metadata as m, cluster.planner, deployments; print('kvpilot', m.version('kvpilot'), 'ray', m.version('ray'), 'vllm', m.version('vllm'), 'torch', m.version('torch'))" \
+    && python -c "import importlib.metadata as m, cluster.planning.planner, deployments; print('kvpilot', m.version('kvpilot'), 'ray', m.version('ray'), 'vllm', m.version('vllm'), 'torch', m.version('torch'))" \
     && rm -rf /home/ray/kvpilot-src
 
 WORKDIR /home/ray

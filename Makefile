@@ -26,10 +26,10 @@ $(STAMP): pyproject.toml
 fixtures: $(foreach q,$(QUANTS) $(EXTRA_FIXTURES),$(FIXTURES)/tiny-$(q)/config.json) $(FIXTURES)/tiny-lora/sql/adapter_config.json
 
 # PEFT LoRA adapters (sql, chat, poet) for the tiny Llama, each in .fixtures/tiny-lora/NAME.
-$(FIXTURES)/tiny-lora/sql/adapter_config.json: $(STAMP) cluster/tinymodel.py
+$(FIXTURES)/tiny-lora/sql/adapter_config.json: $(STAMP) cluster/fixtures/tinymodel.py
 	$(BIN)/kvpilot tiny-model $(FIXTURES)/tiny-lora --fixture lora
 
-$(FIXTURES)/tiny-%/config.json: $(STAMP) cluster/tinymodel.py
+$(FIXTURES)/tiny-%/config.json: $(STAMP) cluster/fixtures/tinymodel.py
 	$(BIN)/kvpilot tiny-model $(FIXTURES)/tiny-$* --fixture $*
 
 # The dashboard test runs a real Prometheus (Debian's package); installed where apt-get can (CI runs as root).

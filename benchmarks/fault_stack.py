@@ -102,7 +102,7 @@ class LocalStack:
 
     def replicas(self, model: str) -> list[dict[str, Any]]:
         """Live replica actors of ``model``'s deployment: name, pid, actor id."""
-        from cluster.placement import deployment_name
+        from cluster.serving.placement import deployment_name
 
         return self.deployment_replicas(deployment_name(model))
 
@@ -117,7 +117,7 @@ class LocalStack:
     def running_replicas(self, model: str) -> int:
         from ray import serve
 
-        from cluster.placement import deployment_name
+        from cluster.serving.placement import deployment_name
 
         status = serve.status().applications[self.app].deployments[deployment_name(model)]
         return int(status.replica_states.get("RUNNING", 0))

@@ -1,6 +1,6 @@
 """How much memory the router's prefix index takes per entry (one replica holding one block).
 
-Fills a ``cluster.routing.PrefixIndex`` to its default bound (1M entries) over 64 replicas
+Fills a ``cluster.routing.policies.PrefixIndex`` to its default bound (1M entries) over 64 replicas
 with chains of at most 512 block hashes from ``block_hashes`` of random token ids, and measures with
 ``tracemalloc`` what the index holds: its LRU entries and keys (the hash ints), and the
 hash -> bitmask dict. Two layouts: no two replicas share a block (one bitmask per entry),
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.routing import BLOCK_TOKENS, PrefixIndex, block_hashes  # noqa: E402
+from cluster.routing.policies import BLOCK_TOKENS, PrefixIndex, block_hashes  # noqa: E402
 
 
 def chains(rng: random.Random, blocks: int, longest: int = 512) -> list[tuple[int, ...]]:

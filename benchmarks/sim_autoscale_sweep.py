@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cluster.cli.simulate import AUTOSCALE_INITIAL, AUTOSCALE_MAX, AUTOSCALE_MIN  # noqa: E402
 from cluster.sim.autoscale import default_startup_s, simulate_autoscale, single_stream_itl_s  # noqa: E402
-from cluster.sim.cli import AUTOSCALE_INITIAL, AUTOSCALE_MAX, AUTOSCALE_MIN  # noqa: E402
 from cluster.sim.simulator import make_setup  # noqa: E402
 from cluster.sim.workload import load_trace  # noqa: E402
 

@@ -194,7 +194,7 @@ def summarize(ttft: list[float], tpot: list[float], e2e: list[float], out_tokens
 def simulate_slice(wl, time_scale: float, step, model: dict, replicas: int, max_num_batched_tokens: int):
     from cluster.bench.arrivals import trace_arrivals
     from cluster.config import ModelConfig
-    from cluster.planner import plan_model
+    from cluster.planning.planner import plan_model
     from cluster.sim.simulator import Setup, simulate
     from cluster.sim.workload import TraceRequest
     from cluster.sim.workload import Workload as SimWorkload

@@ -1,6 +1,6 @@
 """Micro-benchmark: how long one routing decision takes in the router's own code.
 
-One decision = the snapshot of the replicas (``cluster.routing.candidates``: ledger +
+One decision = the snapshot of the replicas (``cluster.routing.policies.candidates``: ledger +
 last engine reports + ``PrefixIndex.match_all`` of the prompt's blocks + index sizes, in
 columns), ``policy.rank_columns`` and the policy's ``on_routed`` on the first choice
 (account), as the simulator and the live router make it.
@@ -15,7 +15,7 @@ capacity (22,089 blocks), a 512-token system prompt cached everywhere, and an
 
 Prints p50/p99 in microseconds of the whole decision and of each part, per policy: match is
 the part of snapshot spent in ``match_all``, timed on its own; account is ``on_routed``.
-``--against REV``: each policy also as ``cluster/routing.py`` was at git revision REV (its row
+``--against REV``: each policy also as ``cluster/routing/policies.py`` was at git revision REV (its row
 named ``policy@REV``), the two timed in turns, decision by decision, so both see the same load;
 then the ratio of their medians.
 """
@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.routing import (  # noqa: E402
+from cluster.routing.policies import (  # noqa: E402
     POLICIES, Ledger, PrefixIndex, RoutingRequest, block_hashes, candidates, make_policy,
 )
 
@@ -93,13 +93,13 @@ def decide(policy, rids, index, ledger, stats, req, cap_tokens: int, times: dict
 
 
 def routing_at(rev: str) -> types.ModuleType:
-    """``cluster/routing.py`` as it was at git revision ``rev``, loaded as a module of its own."""
+    """``cluster/routing/policies.py`` as it was at git revision ``rev``, loaded as a module of its own."""
     root = Path(__file__).resolve().parents[1]
-    src = subprocess.run(["git", "show", f"{rev}:cluster/routing.py"], cwd=root, check=True,
+    src = subprocess.run(["git", "show", f"{rev}:cluster/routing/policies.py"], cwd=root, check=True,
                          capture_output=True, text=True).stdout
     mod = types.ModuleType(f"routing_at_{rev}")
     sys.modules[mod.__name__] = mod  # dataclasses look their module up
-    exec(compile(src, f"{rev}:cluster/routing.py", "exec"), mod.__dict__)
+    exec(compile(src, f"{rev}:cluster/routing/policies.py", "exec"), mod.__dict__)
     return mod
 
 
@@ -117,7 +117,7 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=8192)
     ap.add_argument("--n", type=int, default=3000, help="decisions per policy")
     ap.add_argument("--policies", default=",".join(POLICIES))
-    ap.add_argument("--against", help="a git revision: time each policy of its cluster/routing.py too, in turns")
+    ap.add_argument("--against", help="a git revision: time each policy of its cluster/routing/policies.py too, in turns")
     ns = ap.parse_args()
     rng = random.Random(0)
     rids, index, ledger, stats, req = setup(ns.replicas, ns.prompt_tokens, rng)

@@ -30,9 +30,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cluster.hardware import CATALOG, GIB, QUANTIZATIONS, get_accelerator, quantization_support
-from cluster.modelspec import ModelSpec, load_spec
-from cluster.routing import DEFAULT_POLICY, POLICIES, make_policy
+from cluster.planning.hardware import CATALOG, GIB, QUANTIZATIONS, get_accelerator, quantization_support
+from cluster.planning.modelspec import ModelSpec, load_spec
+from cluster.routing.policies import DEFAULT_POLICY, POLICIES, make_policy
 from cluster.vllm_args import engine_arg_names
 
 APP_IMPORT_PATH = "deployments.app:build_app"
@@ -157,7 +157,7 @@ class AutoscalingConfig(_Strict):
     itl_floor_s: float | None = Field(
         default=None, gt=0.0, le=60.0,
         description="Override: inter-token latency of one replica with a single sequence (its step cost). Default: "
-        "what the replicas measure of their engines (decode steps at low batch, cluster/calibration.py), or before "
+        "what the replicas measure of their engines (decode steps at low batch, cluster/serving/calibration.py), or before "
         "any measurement the lowest seen over a half-full trend_window_s window.",
     )
     high_waiting_per_replica: float = Field(
@@ -328,7 +328,7 @@ class LoraConfig(_Strict):
           preload: [sql]                 # loaded at replica start; the others on first use
 
     Each adapter is checked at config time: its rank against ``max_lora_rank``, its target
-    modules and tensor shapes against the base (``cluster.lora``).
+    modules and tensor shapes against the base (``cluster.planning.lora``).
     """
 
     adapters: dict[str, str] = Field(
@@ -358,7 +358,7 @@ class LoraConfig(_Strict):
 
     @model_validator(mode="after")
     def _lora_bounds(self) -> LoraConfig:
-        from cluster.lora import MAX_LORA_RANKS
+        from cluster.planning.lora import MAX_LORA_RANKS
 
         if self.max_lora_rank not in MAX_LORA_RANKS:
             raise FieldError("max_lora_rank", self.max_lora_rank,
@@ -500,7 +500,7 @@ class ModelConfig(_Strict):
         return quant.method if quant else "none"
 
     def weight_format(self) -> str:
-        """The hardware-support key (cluster.hardware.FORMATS) of the weights vLLM will hold."""
+        """The hardware-support key (cluster.planning.hardware.FORMATS) of the weights vLLM will hold."""
         quant = self.spec().quant
         if quant is not None:
             return quant.format
@@ -616,8 +616,8 @@ class ModelConfig(_Strict):
                     )
 
     def _check_lora(self, spec: ModelSpec) -> None:
-        from cluster.hub import HubError
-        from cluster.lora import AdapterError, check_adapter, lora_quantization_refusal
+        from cluster.planning.hub import HubError
+        from cluster.planning.lora import AdapterError, check_adapter, lora_quantization_refusal
 
         why = lora_quantization_refusal(spec, self.effective_quantization(), self.on_cpu)
         if why is not None:
@@ -632,7 +632,7 @@ class ModelConfig(_Strict):
 
     @staticmethod
     def _resolve_adapter(source: str) -> tuple[str, dict[str, Any]]:
-        from cluster.hub import resolve_adapter
+        from cluster.planning.hub import resolve_adapter
 
         return resolve_adapter(source)
 

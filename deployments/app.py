@@ -14,9 +14,9 @@ from ray.serve import Application
 from rich.console import Console
 
 from cluster.config import ClusterConfig, ConfigError
-from cluster.placement import deployment_options, ingress_options
-from cluster.plan_report import render_plan
-from cluster.planner import plan_model
+from cluster.planning.planner import plan_model
+from cluster.planning.report import render_plan
+from cluster.serving.placement import deployment_options, ingress_options
 from deployments.engine import ModelServer
 from deployments.ingress import Ingress
 from deployments.vllm_frontend import check_openai_config

@@ -1,7 +1,7 @@
-"""kvpilot's Ray Serve autoscaling policy: glue from ``AutoscalingContext`` to ``cluster.autoscaling.decide``.
+"""kvpilot's Ray Serve autoscaling policy: glue from ``AutoscalingContext`` to ``cluster.autoscaling.policy.decide``.
 
 Plugged in per model through ``autoscaling_config.policy`` (see
-``cluster.placement.deployment_options``); Serve builds one instance per
+``cluster.serving.placement.deployment_options``); Serve builds one instance per
 deployment in its controller with ``policy_kwargs`` and calls it every
 ``metrics_interval_s`` with the replicas' ``record_autoscaling_stats`` values.
 """
@@ -14,9 +14,9 @@ import time
 from typing import Any
 
 from cluster import metrics as M
-from cluster.autoscaling import Decision, ReplicaSignals, ScalerState, ScalingInput, decide
-from cluster.calibration import ITL_FLOOR_KEY, KV_CAPACITY_KEY, SourceLog
+from cluster.autoscaling.policy import Decision, ReplicaSignals, ScalerState, ScalingInput, decide
 from cluster.config import AutoscalingConfig
+from cluster.serving.calibration import ITL_FLOOR_KEY, KV_CAPACITY_KEY, SourceLog
 from deployments.telemetry import Recorder
 
 logger = logging.getLogger("kvpilot.autoscaling")

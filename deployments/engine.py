@@ -1,7 +1,7 @@
 """The model deployment: each replica owns one vLLM ``AsyncLLM`` and vLLM's OpenAI app over it.
 
 Undecorated on purpose: ``deployments/app.py`` turns it into a Serve deployment
-with options from ``cluster.placement.deployment_options(model)``.
+with options from ``cluster.serving.placement.deployment_options(model)``.
 
 The ingress sends each request as an ``HttpCall``; the replica answers it with
 vLLM's own server code and streams the response bytes back
@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from cluster import metrics as M
-from cluster.calibration import EngineCalibrator
 from cluster.config import ModelConfig
+from cluster.serving.calibration import EngineCalibrator
 from deployments import reaper
 from deployments.gpu import GpuMemoryProbe
 from deployments.protocol import LORA_ADMIN_ROUTES, HttpCall
@@ -275,7 +275,7 @@ class ModelServer:
         return out
 
     def _calibration(self) -> dict[str, float]:
-        """What this replica measured of its engine (cluster.calibration): only the facts known so far."""
+        """What this replica measured of its engine (cluster.serving.calibration): only the facts known so far."""
         facts = self._stats.calibration.snapshot().as_stats()
         for key, metric in (("itl_floor_s", M.ENGINE_ITL_FLOOR), ("prefill_tokens_per_s", M.ENGINE_PREFILL_RATE),
                             ("kv_capacity_tokens", M.ENGINE_KV_CAPACITY)):
@@ -284,7 +284,7 @@ class ModelServer:
         return facts
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Signals for kvpilot's autoscaling policy (cluster/autoscaling.py), every few seconds."""
+        """Signals for kvpilot's autoscaling policy (cluster/autoscaling/policy.py), every few seconds."""
         now, generated = time.monotonic(), self._stats.generation_tokens
         tokens = self._stats.prompt_tokens + generated
         then, before, generated_before = self._last_rate_sample

@@ -34,9 +34,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster import metrics as M
 from cluster.config import IngressConfig, ModelConfig
-from cluster.hub import resolve_source
-from cluster.placement import ONGOING_PER_SLOT, SERVE_LOOP_ENV
-from cluster.security import ANONYMOUS, KeyStore, RateLimiter, bearer_token, load_keys
+from cluster.planning.hub import resolve_source
+from cluster.serving.placement import ONGOING_PER_SLOT, SERVE_LOOP_ENV
+from cluster.serving.security import ANONYMOUS, KeyStore, RateLimiter, bearer_token, load_keys
 from deployments.protocol import FORWARDED_HEADERS, FORWARDED_ROUTES, LORA_ADMIN_ROUTES, HttpCall
 from deployments.telemetry import Recorder
 
@@ -392,7 +392,7 @@ class Ingress:
         self._in_flight = {m.name: 0 for m in models}
         # Tokenize here, once: the router needs the prompt's blocks and the context limit is
         # enforced before any replica sees the request.
-        # A hub id resolves to a snapshot of its tokenizer files (cluster.hub), never the weights.
+        # A hub id resolves to a snapshot of its tokenizer files (cluster.planning.hub), never the weights.
         self._tokenizers = {m.name: AutoTokenizer.from_pretrained(resolve_source(m.source, m.revision)) for m in models}
         self._templates = {m.name: _template_text(m.openai.chat_template) for m in models}
         self._default_model = models[0].name if len(models) == 1 else None
@@ -588,7 +588,7 @@ class Ingress:
     async def lora_admin(self, request: Request) -> Response:
         """vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``, for the whole model.
 
-        The adapter is checked against its base (``cluster.lora``), then loaded by one replica with
+        The adapter is checked against its base (``cluster.planning.lora``), then loaded by one replica with
         vLLM's own route (which validates it in the engine); once loaded, the ingress routes the
         name to the base's deployment and sends its path with every request, so every replica,
         including one started later, registers it on first use. Body: vLLM's (``lora_name``,
@@ -626,8 +626,8 @@ class Ingress:
         return base
 
     async def _load_adapter(self, name: str, body: dict[str, Any]) -> Response:
-        from cluster.hub import HubError, resolve_adapter
-        from cluster.lora import AdapterError, check_adapter
+        from cluster.planning.hub import HubError, resolve_adapter
+        from cluster.planning.lora import AdapterError, check_adapter
 
         base = self._lora_base(body)
         if name in self._handles or (name in self._adapters and not body.get("load_inplace")):

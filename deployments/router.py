@@ -1,7 +1,7 @@
-"""The live router: a Ray Serve ``RequestRouter`` that asks ``cluster.routing`` for every decision.
+"""The live router: a Ray Serve ``RequestRouter`` that asks ``cluster.routing.policies`` for every decision.
 
 Selected per model through ``request_router_config`` (see
-``cluster.placement.deployment_options``). It runs in the caller's process (the
+``cluster.serving.placement.deployment_options``). It runs in the caller's process (the
 ingress), so it sees every request this ingress sends to the model:
 
 - ``choose_replicas`` only ranks (the policy's ranking changes no account), so Serve
@@ -15,7 +15,7 @@ ingress), so it sees every request this ingress sends to the model:
   blocks the index forgets at once;
 - engine stats (KV use, running, waiting) come from each replica's
   ``record_routing_stats()``, and so do the facts the replica measured of its engine
-  (``cluster.calibration``: KV capacity, prefill speed): used when present, the plan's
+  (``cluster.serving.calibration``: KV capacity, prefill speed): used when present, the plan's
   otherwise (or the policy's override), with a log line whenever a replica's source
   changes and the speed in use in ``kvpilot_router_prefill_tokens_per_second{source}``.
 """
@@ -31,8 +31,8 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from cluster import metrics as M
-from cluster.calibration import KV_CAPACITY_KEY, PREFILL_KEY, SourceLog
-from cluster.routing import (
+from cluster.serving.calibration import KV_CAPACITY_KEY, PREFILL_KEY, SourceLog
+from cluster.routing.policies import (
     AdapterLedger, Candidates, Ledger, PrefixIndex, RoutingRequest, block_hashes, candidates, make_policy,
 )
 from deployments.telemetry import Recorder

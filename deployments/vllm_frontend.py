@@ -116,7 +116,7 @@ def _parser_fits_tokenizer(model: ModelConfig, where: str) -> list[str]:
     from vllm.parser.parser_manager import ParserManager
     from vllm.tokenizers.registry import get_tokenizer
 
-    from cluster.hub import resolve_source
+    from cluster.planning.hub import resolve_source
 
     o = model.openai
     tokenizer = get_tokenizer(resolve_source(model.source, model.revision))

@@ -3,8 +3,8 @@
 Pure client code (no Ray, no vLLM): arrivals (``arrivals``), workloads and prompt
 synthesis (``workload``), one streamed request (``client``), the run itself
 (``runner``), per-request metrics and their summary (``metrics``), and the
-terminal table, JSON and plots (``report``). ``cli`` holds the ``kvpilot bench``
-sub-command. Names below are imported on first use, so ``kvpilot`` starts fast.
+terminal table, JSON and plots (``report``). ``cluster/cli/bench.py`` holds
+the ``kvpilot bench`` sub-command. Names below are imported on first use, so ``kvpilot`` starts fast.
 """
 
 from __future__ import annotations

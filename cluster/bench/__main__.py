@@ -2,6 +2,6 @@
 
 import sys
 
-from cluster.bench.cli import main
+from cluster.cli.bench import main
 
 sys.exit(main())

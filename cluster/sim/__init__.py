@@ -1,7 +1,7 @@
 """Discrete-event simulator of vLLM replicas behind a router (pure Python: no Ray, no vLLM).
 
 ``make_setup`` plans the replica and fits its step model, ``load_trace`` reads a
-trace, ``simulate`` replays it under one routing policy of ``cluster.routing``.
+trace, ``simulate`` replays it under one routing policy of ``cluster.routing.policies``.
 """
 
 from cluster.sim.simulator import Setup, make_setup, simulate

@@ -7,7 +7,7 @@ import sys
 
 from rich.console import Console
 
-from cluster.sim.cli import add_simulate_parser, run_simulate
+from cluster.cli.simulate import add_simulate_parser, run_simulate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,11 +24,11 @@ its periodic handler (``ScalingLoop``):
 Autoscalers (``AUTOSCALERS``):
 
 ``kvpilot``
-    ``cluster.autoscaling.decide`` called as ``deployments.autoscaling.KVPilotAutoscaler``
+    ``cluster.autoscaling.policy.decide`` called as ``deployments.autoscaling.KVPilotAutoscaler``
     calls it live: ``current_replicas`` = routable replicas (Ray's
     ``current_num_replicas``), ``target_replicas`` = the current target (Ray's
     ``target_num_replicas``), the capacity = the planner's KV tokens per replica,
-    Serve's own delays 0 (``cluster.placement`` sets them so). Config:
+    Serve's own delays 0 (``cluster.serving.placement`` sets them so). Config:
     ``AutoscalingConfig()`` with ``startup_s`` = the simulated start-up, nothing else
     set. Replicas report ``generation_rate`` (generated tokens per second) and what
     the live replica measures of its engine: ``itl_floor_s`` from an
@@ -63,9 +63,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cluster.autoscaling import ReplicaSignals, ScalerState, ScalingInput, decide
-from cluster.calibration import EngineCalibrator
+from cluster.autoscaling.policy import ReplicaSignals, ScalerState, ScalingInput, decide
 from cluster.config import AutoscalingConfig
+from cluster.serving.calibration import EngineCalibrator
 from cluster.sim.cluster import READY, STARTING, STOPPED, ReplicaSlot, SimCluster
 from cluster.sim.metrics import PolicyResult, summarize
 from cluster.sim.simulator import Setup

@@ -1,7 +1,7 @@
-"""The cluster loop: simulated vLLM replicas behind one router running a ``cluster.routing`` policy.
+"""The cluster loop: simulated vLLM replicas behind one router running a ``cluster.routing.policies`` policy.
 
 Per request, at its arrival, the router builds its snapshot of the routable replicas
-(``cluster.routing.candidates``: a column per ``ReplicaLoad`` field) from
+(``cluster.routing.policies.candidates``: a column per ``ReplicaLoad`` field) from
 
 * its own ``Ledger`` (requests and prompt + output tokens sent and not yet seen
   finish; updated at send and at finish, never stale),
@@ -41,9 +41,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from cluster.routing import (AdapterLedger, Ledger, LoraRequestsInfo, PrefixIndex, RoutingRequest, candidates,
+from cluster.routing.policies import (AdapterLedger, Ledger, LoraRequestsInfo, PrefixIndex, RoutingRequest, candidates,
                              make_policy)
-from cluster.routing_lora import SIM_POLICIES
+from cluster.routing.lora_policies import SIM_POLICIES
 from cluster.sim.engine import Replica, SimRequest
 from cluster.sim.workload import BLOCK_TOKENS as HASH_BLOCK_TOKENS, TraceRequest
 

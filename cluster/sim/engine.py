@@ -42,8 +42,8 @@ from collections.abc import Callable
 from itertools import islice
 from math import ceil, sqrt
 
-from cluster.hardware import GPU_BLOCK_SIZE
-from cluster.routing import LoraRequestsInfo
+from cluster.planning.hardware import GPU_BLOCK_SIZE
+from cluster.routing.policies import LoraRequestsInfo
 from cluster.sim.lora import LoraSpec
 from cluster.sim.perfmodel import StepModel
 
@@ -105,7 +105,7 @@ class Replica:
         self._sched: list[tuple[SimRequest, int]] = []
         self._macro: tuple[float, int, float, float] | None = None  # (t0, k, a, b) of a repeated decode step
         self._all_decode = False  # the current step only decodes (no prompt token in it)
-        # What the live replica's stat logger feeds (cluster.calibration.EngineCalibrator.observe_decode):
+        # What the live replica's stat logger feeds (cluster.serving.calibration.EngineCalibrator.observe_decode):
         # each all-decode step's batch and smallest inter-token latency. None: not calibrating.
         self.calibrator = None
         # statistics

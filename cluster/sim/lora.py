@@ -8,7 +8,7 @@ uses an adapter without a GPU slot first copies it in (pinned host memory to GPU
 in host memory is read from disk before that; vLLM does both inside the step
 (``set_active_adapters`` before the forward pass), so the whole batch waits for them.
 
-The sizes come from the base model (``cluster.lora``): a rank-16 adapter on every dense
+The sizes come from the base model (``cluster.planning.lora``): a rank-16 adapter on every dense
 projection of Llama-2-70B is 414 MB in bf16 (what a disk read moves) and 280 MB per GPU at
 TP=2 (what each GPU copies: column-parallel layers keep lora_A whole). The bandwidths are assumptions, not measurements:
 
@@ -27,7 +27,7 @@ import random
 from dataclasses import dataclass, replace
 
 from cluster.config import ModelConfig
-from cluster.lora import DENSE_TARGETS, adapter_bytes, buffer_bytes_per_gpu
+from cluster.planning.lora import DENSE_TARGETS, adapter_bytes, buffer_bytes_per_gpu
 from cluster.sim.workload import Workload
 
 DEFAULT_H2D_BYTES_PER_S = 25e9

@@ -53,8 +53,8 @@ from pathlib import Path
 import numpy as np
 
 from cluster.config import ModelConfig
-from cluster.modelspec import BUILTIN
-from cluster.planner import kv_bytes_per_token, weight_bytes_per_gpu
+from cluster.planning.modelspec import BUILTIN
+from cluster.planning.planner import kv_bytes_per_token, weight_bytes_per_gpu
 
 DEFAULT_TABLE = Path(__file__).resolve().parents[2] / "benchmarks" / "traces" / "splitwise_sim_perf_model.csv"
 TABLE_MODEL = "llama2-70b"

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cluster.config import ModelConfig
-from cluster.planner import Plan, _batched_tokens, plan_model
-from cluster.hardware import get_accelerator
+from cluster.planning.hardware import get_accelerator
+from cluster.planning.planner import Plan, _batched_tokens, plan_model
 from cluster.sim.cluster import SimCluster
 from cluster.sim.engine import Replica, SimRequest
 from cluster.sim.lora import LoraSpec

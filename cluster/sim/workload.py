@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
-from cluster.hardware import GPU_BLOCK_SIZE
+from cluster.planning.hardware import GPU_BLOCK_SIZE
 from cluster.traces import TRACE_BLOCK_TOKENS, clip, detect_kind, read_rows
 
 BLOCK_TOKENS = GPU_BLOCK_SIZE  # the simulated replicas are GPUs: vLLM caches prefixes in blocks of this

@@ -100,7 +100,7 @@ def fixture_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pat
 
     Reuses ``$KVPILOT_FIXTURES_DIR/tiny-<q>`` if it holds a ``config.json``;
     otherwise builds it (once per session) with
-    :func:`cluster.tinymodel.write_tiny_model` under the session tmp dir.
+    :func:`cluster.fixtures.tinymodel.write_tiny_model` under the session tmp dir.
     """
     built: dict[str, Path] = {}
     root: list[Path] = []
@@ -115,7 +115,7 @@ def fixture_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pat
             pytest.importorskip("torch")
             pytest.importorskip("safetensors")
             pytest.importorskip("tokenizers")
-            from cluster.tinymodel import write_tiny_model
+            from cluster.fixtures.tinymodel import write_tiny_model
 
             if not root:
                 root.append(tmp_path_factory.mktemp("tiny-models"))

@@ -1,4 +1,4 @@
-"""The tiny model fixtures (cluster.tinymodel) on real vLLM CPU engines.
+"""The tiny model fixtures (cluster.fixtures.tinymodel) on real vLLM CPU engines.
 
 Engine starts are expensive (~20-40 s each on 2 cores), so all TP=1 engines
 run once per session in one subprocess (``tp1`` fixture: fp16, AWQ, GPTQ,
@@ -88,7 +88,7 @@ def _hf_reference_logprobs(model_dir, quant: str, q_dir, texts: list[list[int]])
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
-    from cluster.tinymodel import unpack_awq, unpack_gptq
+    from cluster.fixtures.tinymodel import unpack_awq, unpack_gptq
 
     model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if quant != "none":
@@ -144,7 +144,7 @@ def test_files_deterministic_and_same_fp16_weights(tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file
 
-    from cluster.tinymodel import write_tiny_model
+    from cluster.fixtures.tinymodel import write_tiny_model
 
     expected = {"config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
                 "tokenizer.json", "tokenizer_config.json"}
@@ -170,12 +170,12 @@ def test_files_deterministic_and_same_fp16_weights(tmp_path):
 
 
 def test_packing_matches_vllm_unpacking(tmp_path):
-    """Unpack the files the way vLLM does (independently of cluster.tinymodel's
+    """Unpack the files the way vLLM does (independently of cluster.fixtures.tinymodel's
     own unpackers) and compare with the quantizer's reconstruction."""
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file
 
-    from cluster.tinymodel import dequantize_groupwise_4bit, quantize_groupwise_4bit, write_tiny_model
+    from cluster.fixtures.tinymodel import dequantize_groupwise_4bit, quantize_groupwise_4bit, write_tiny_model
 
     fp16 = load_file(str(write_tiny_model(tmp_path / "none", "none") / "model.safetensors"))
     awq = load_file(str(write_tiny_model(tmp_path / "awq", "awq") / "model.safetensors"))
@@ -264,7 +264,7 @@ def test_engine_matches_float_reference(tp1, fixture_dir, q):
     """vLLM on the checkpoint == transformers (float32) on the weights it encodes.
 
     For awq/gptq this pins the on-disk layout: the reference dequantizes with
-    cluster.tinymodel, vLLM with its own loader and CPU kernel.  Measured:
+    cluster.fixtures.tinymodel, vLLM with its own loader and CPU kernel.  Measured:
     top-1 1.000 / 1.000 / 0.995 (none / awq / gptq), max |d logprob| <= 0.007.
     """
     r = tp1[q]
@@ -344,7 +344,7 @@ def test_awq_tp2_matches_tp1(tp1, awq_tp2):
 def test_planner_kv_tokens_equal_what_vllm_logs(tp1, awq_tp2, fixture_dir, name, quant, tp, kv):
     """The planner's KV token count is the engine's own "CPU KV cache size: N tokens" (VLLM_CPU_KVCACHE_SPACE=1)."""
     from cluster.config import ModelConfig
-    from cluster.planner import plan_model
+    from cluster.planning.planner import plan_model
 
     engine = awq_tp2 if name == "awq_tp2" else tp1[name]
     cfg = ModelConfig(name="t", source=str(fixture_dir(quant)), quantization=quant, dtype="float16",

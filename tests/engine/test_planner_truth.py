@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import ModelConfig
-from cluster.planner import plan_model
+from cluster.planning.planner import plan_model
 
 FIXTURES = ("none", "awq", "gptq", "mixtral-none", "qwen3moe-none", "w8a8")
 WEIGHTS_CHECKED = ("none", "awq", "gptq", "mixtral-none", "qwen3moe-none")
@@ -60,7 +60,7 @@ if __name__ == "__main__":
 @pytest.fixture(scope="module")
 def engines(fixture_dir, tmp_path_factory) -> dict:
     pytest.importorskip("vllm")
-    from cluster.tinymodel import write_fixture
+    from cluster.fixtures.tinymodel import write_fixture
 
     root = Path(os.environ.get("KVPILOT_FIXTURES_DIR", "")) if os.environ.get("KVPILOT_FIXTURES_DIR") else None
     built = tmp_path_factory.mktemp("truth")

@@ -15,11 +15,11 @@ import helm_python as helm
 import pytest
 import yaml
 
-from cluster import helmschema
+from cluster.chart import helmschema
 from cluster.config import APP_IMPORT_PATH, ClusterConfig, read_serve_args
-from cluster.hardware import CATALOG
-from cluster.placement import worker_bundles
-from cluster.planner import plan_model
+from cluster.planning.hardware import CATALOG
+from cluster.planning.planner import plan_model
+from cluster.serving.placement import worker_bundles
 from tests.helm.conftest import (
     CHART,
     CONFIGS,
@@ -101,15 +101,15 @@ MY_GROUPS = [{"name": "l40s", "accelerator": "L40S"}, {"name": "a10g", "accelera
 
 def _kvpilot_plan(path: Path) -> None:
     """`kvpilot plan FILE`, as the README tells users to run it before installing."""
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", str(path)], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "cluster.cli.kvpilot", "plan", str(path)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, f"kvpilot plan {path} exited {out.returncode}:\n{out.stdout}{out.stderr}"
     assert "does not fit" not in out.stdout
 
 
 def test_generated_schema_and_drain_numbers_are_committed():
-    # `python -m cluster.helmschema` writes them from ClusterConfig and cluster/placement.py.
+    # `python -m cluster.chart.helmschema` writes them from ClusterConfig and cluster/serving/placement.py.
     stale = [str(p) for p, text in helmschema.generated().items() if p.read_text() != text]
-    assert stale == [], f"run `python -m cluster.helmschema`: {stale} differ from what it generates"
+    assert stale == [], f"run `python -m cluster.chart.helmschema`: {stale} differ from what it generates"
     assert SCHEMA["properties"]["args"]["properties"] == helmschema.args_schema()["properties"]
 
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cluster.config import ClusterConfig, ConfigError
-from cluster.placement import graceful_shutdown_s
+from cluster.serving.placement import graceful_shutdown_s
 from tests.helm.conftest import CONFIGS, PROFILES, crd_errors, only, pod_templates, ray_cluster, render, render_files
 from tests.helm.test_chart import GPU_CONFIGS, IMAGE, MY_GROUPS, MY_MODELS
 

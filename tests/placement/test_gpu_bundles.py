@@ -1,6 +1,6 @@
 """GPU placement proven on a real Ray cluster whose nodes declare logical GPUs.
 
-The deployment options are the ones `build_app` uses (cluster.placement); a plain
+The deployment options are the ones `build_app` uses (cluster.serving.placement); a plain
 actor per bundle stands in for vLLM's Ray workers, which is what vLLM's Ray
 executor does inside the replica's placement group.
 """
@@ -16,7 +16,7 @@ from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig, ModelConfig
-from cluster.placement import deployment_options
+from cluster.serving.placement import deployment_options
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.serve

@@ -86,6 +86,6 @@ def client(base_url: str):
 def replica_stats(model: str) -> dict:
     from ray import serve
 
-    from cluster.placement import deployment_name
+    from cluster.serving.placement import deployment_name
 
     return serve.get_deployment_handle(deployment_name(model), app_name=APP).stats.remote().result()

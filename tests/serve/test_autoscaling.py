@@ -9,7 +9,7 @@ import openai
 import pytest
 from ray import serve
 
-from cluster.placement import deployment_name
+from cluster.serving.placement import deployment_name
 from tests.serve.conftest import ROOT, deploy
 
 pytestmark = pytest.mark.serve

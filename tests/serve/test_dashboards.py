@@ -17,7 +17,7 @@ import openai
 import pytest
 from ray import serve
 
-from cluster.dashboards import DASHBOARDS, dashboard_json
+from cluster.chart.dashboards import DASHBOARDS, dashboard_json
 from tests.serve.conftest import ROOT, _free_port, deploy
 
 pytestmark = pytest.mark.serve

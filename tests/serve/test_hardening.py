@@ -31,7 +31,7 @@ from ray import serve
 
 from cluster import metrics as M
 from cluster.bench.client import sse_data
-from cluster.placement import deployment_name
+from cluster.serving.placement import deployment_name
 from tests.serve.conftest import ROOT, deploy
 
 pytestmark = pytest.mark.serve
@@ -502,7 +502,7 @@ def test_a_dead_engine_fails_the_health_check_and_is_replaced(faulty):
     for p in engine_cores:
         os.kill(p.pid, signal.SIGKILL)
     killed = time.monotonic()
-    # Health checks every 10 s (cluster/placement.py), then up to 30 s of graceful shutdown.
+    # Health checks every 10 s (cluster/serving/placement.py), then up to 30 s of graceful shutdown.
     gone = _wait(lambda: victim_name not in _replicas(FAULTY), 120)
     assert gone is not None, "the replica with a dead engine was not stopped within 120 s"
     assert [_complete(faulty, None, max_tokens=4).status_code for _ in range(4)] == [200] * 4

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cluster.autoscaling import ReplicaSignals, ScalerState, ScalingInput, decide
+from cluster.autoscaling.policy import ReplicaSignals, ScalerState, ScalingInput, decide
 from cluster.config import AutoscalingConfig, ClusterConfig, ConfigError
 
 CAP = 100_000  # KV tokens per replica

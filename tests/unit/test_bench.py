@@ -15,10 +15,10 @@ import pytest
 from aiohttp import web
 
 from cluster.bench.arrivals import gamma_intervals, random_arrivals, trace_arrivals
-from cluster.bench.cli import add_bench_parser, build_from_args, run_bench
 from cluster.bench.metrics import RequestRecord, distribution, summarize, throughput_timeline
 from cluster.bench.runner import BenchConfig, run_benchmark
 from cluster.bench.workload import PromptSynth, build_workload
+from cluster.cli.bench import add_bench_parser, build_from_args, run_bench
 from cluster.traces import SLO, clip, detect_kind
 
 TRACES = Path(__file__).resolve().parents[2] / "benchmarks" / "traces"

@@ -1,10 +1,10 @@
-"""The replica's own measurements (cluster/calibration.py): ITL floor, prefill speed, sources."""
+"""The replica's own measurements (cluster/serving/calibration.py): ITL floor, prefill speed, sources."""
 
 import random
 
 import pytest
 
-from cluster.calibration import Calibration, EngineCalibrator, SourceLog, choose, quantile
+from cluster.serving.calibration import Calibration, EngineCalibrator, SourceLog, choose, quantile
 
 
 def test_quantile_interpolates():

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.cli.kvpilot import main
 from cluster.config import ClusterConfig, ConfigError, ModelConfig
-from cluster.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,7 +1,8 @@
-"""A stopping replica gets as long as its longest allowed stream takes (cluster.placement.graceful_shutdown_s)."""
+"""A stopping replica gets as long as its longest allowed stream takes (cluster.serving.placement.graceful_shutdown_s)."""
 
 from cluster.config import ModelConfig
-from cluster.placement import DRAIN_MARGIN_S, DRAIN_MS_PER_TOKEN, deployment_options, graceful_shutdown_s, ingress_options
+from cluster.serving.placement import (DRAIN_MARGIN_S, DRAIN_MS_PER_TOKEN, deployment_options, graceful_shutdown_s,
+                                       ingress_options)
 
 
 def _model(**kw) -> ModelConfig:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.hub import read_local_headers
-from cluster.modelspec import KNOWN_MODELS_DIR, spec_from_config_dict
-from cluster.tinymodel import write_tiny_moe
-from cluster.weights import config_tensors
+from cluster.fixtures.tinymodel import write_tiny_moe
+from cluster.planning.hub import read_local_headers
+from cluster.planning.modelspec import KNOWN_MODELS_DIR, spec_from_config_dict
+from cluster.planning.weights import config_tensors
 from tests.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ def repos(tmp_path_factory) -> dict[str, Path]:
 def _kvpilot(server: HubServer, home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     full |= {"HF_ENDPOINT": server.url, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1", **env}
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=full, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "cluster.cli.kvpilot", *args], env=full, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -66,7 +66,7 @@ def test_plan_of_a_hub_repo_reads_headers_by_ranged_get_and_pins_the_commit(repo
 
 def ModelPlanLocal(path: Path) -> dict:  # noqa: N802 - reads like the plan it returns
     from cluster.config import ModelConfig
-    from cluster.planner import plan_model
+    from cluster.planning.planner import plan_model
 
     return plan_model(ModelConfig(name="m", source=str(path), accelerator="cpu", max_model_len=512)).to_dict()
 

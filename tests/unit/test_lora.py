@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import ClusterConfig, ConfigError
-from cluster.tinymodel import TINY_DIMS, TINY_LORAS, write_tiny_lora, write_tiny_model
+from cluster.fixtures.tinymodel import TINY_DIMS, TINY_LORAS, write_tiny_lora, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -127,7 +127,7 @@ def test_awq_and_gptq_bases_take_the_adapters(adapters):
 
 
 def test_placement_allows_runtime_lora_updates_only_with_lora(base, adapters):
-    from cluster.placement import deployment_options
+    from cluster.serving.placement import deployment_options
 
     with_lora = ClusterConfig.from_args({"models": [_model(base, {"adapters": {"sql": str(adapters / "sql")}})]})
     without = ClusterConfig.from_args({"models": [{**_model(base, None)}]})
@@ -147,7 +147,7 @@ def test_frontend_args_preload_through_vllms_parser(base, adapters):
 
 
 def test_admin_keys_are_accepted_keys_and_only_they_are_admin():
-    from cluster.security import ADMIN_API_KEYS_ENV, API_KEYS_ENV, load_keys
+    from cluster.serving.security import ADMIN_API_KEYS_ENV, API_KEYS_ENV, load_keys
 
     user, admin = "u" * 24, "a" * 24
     store = load_keys(None, {API_KEYS_ENV: user, ADMIN_API_KEYS_ENV: admin})
@@ -159,7 +159,7 @@ def test_admin_keys_are_accepted_keys_and_only_they_are_admin():
 
 def test_planner_counts_lora_slots_per_gpu_and_their_kv_tokens(base, adapters):
     from cluster.config import ModelConfig
-    from cluster.planner import plan_model
+    from cluster.planning.planner import plan_model
 
     def plan(tp: int, lora: dict | None):
         return plan_model(ModelConfig.model_validate({**_model(base, lora), "accelerator": "L4",

@@ -3,7 +3,7 @@
 import pytest
 
 from cluster.config import ModelConfig
-from cluster.placement import deployment_options
+from cluster.serving.placement import deployment_options
 
 
 def _gpu(**kw) -> ModelConfig:

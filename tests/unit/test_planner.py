@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import main
+from cluster.cli.kvpilot import main
 from cluster.config import ModelConfig
-from cluster.hardware import GIB
-from cluster.modelspec import QuantSpec, load_spec
-from cluster.planner import kv_bytes_per_token, plan_model, weight_bytes_per_gpu
+from cluster.planning.hardware import GIB
+from cluster.planning.modelspec import QuantSpec, load_spec
+from cluster.planning.planner import kv_bytes_per_token, plan_model, weight_bytes_per_gpu
 
 ROOT = Path(__file__).resolve().parents[2]
 

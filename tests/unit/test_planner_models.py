@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import main
+from cluster.cli.kvpilot import main
 from cluster.config import ClusterConfig, ModelConfig
-from cluster.hardware import GIB
-from cluster.modelspec import load_spec
-from cluster.planner import plan_model
+from cluster.planning.hardware import GIB
+from cluster.planning.modelspec import load_spec
+from cluster.planning.planner import plan_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,7 @@ def test_unknown_architecture_is_refused_by_name(tmp_path):
 
 
 def test_fp4_on_hopper_falls_back_and_below_ampere_is_refused():
-    from cluster.hardware import get_accelerator, quantization_support
+    from cluster.planning.hardware import get_accelerator, quantization_support
 
     assert quantization_support(get_accelerator("B200"), "nvfp4").note is None
     assert "Marlin" in quantization_support(get_accelerator("H100-80GB"), "nvfp4").note

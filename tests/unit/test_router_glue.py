@@ -23,7 +23,7 @@ pytest.importorskip("ray.serve")
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID  # noqa: E402
 
 import deployments.router as router_mod  # noqa: E402
-from cluster.autoscaling import ReplicaSignals, ScalerState, ScalingInput, decide  # noqa: E402
+from cluster.autoscaling.policy import ReplicaSignals, ScalerState, ScalingInput, decide  # noqa: E402
 from cluster.config import AutoscalingConfig  # noqa: E402
 from deployments.autoscaling import KVPilotAutoscaler  # noqa: E402
 from deployments.router import KVPilotRouter  # noqa: E402

@@ -2,7 +2,8 @@
 
 import pytest
 
-from cluster.routing import POLICIES, Ledger, PrefixIndex, ReplicaLoad, RoutingRequest, block_hashes, make_policy
+from cluster.routing.policies import (POLICIES, Ledger, PrefixIndex, ReplicaLoad, RoutingRequest, block_hashes,
+                                      make_policy)
 
 
 def _req(tokens: int = 1024, shared: int = 0, max_tokens: int = 128) -> RoutingRequest:
@@ -290,7 +291,7 @@ def test_policies_count_blocks_in_the_routers_block_size():
 
 
 def test_candidates_columns_and_rows_are_the_same_snapshot():
-    from cluster.routing import Candidates, candidates
+    from cluster.routing.policies import Candidates, candidates
 
     idx = PrefixIndex()
     prompt = block_hashes(list(range(160)))

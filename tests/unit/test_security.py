@@ -8,7 +8,7 @@ import math
 import pytest
 
 from cluster.config import ClusterConfig, ConfigError
-from cluster.security import (
+from cluster.serving.security import (
     API_KEYS_ENV,
     KeySourceError,
     KeyStore,
@@ -104,7 +104,7 @@ def test_rate_limiter_tokens_take_both_or_neither_and_refund():
 
 @pytest.mark.parametrize("seconds_per_request", [0.0, 0.5, 2.0, 7.5, 20.0])
 def test_admitted_requests_stay_within_the_derived_budget_however_slow_they_are(seconds_per_request):
-    from cluster.security import most_admitted
+    from cluster.serving.security import most_admitted
 
     clock = Clock()
     rl = RateLimiter(requests_per_minute=8, tokens_per_minute=None, clock=clock)

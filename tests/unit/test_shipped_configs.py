@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import ClusterConfig, ModelConfig
-from cluster.planner import plan_model
+from cluster.planning.planner import plan_model
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_CONFIGS = ["llama70b-awq.yaml", "mistral7b-gptq.yaml", "llama3-8b-fp8.yaml"]

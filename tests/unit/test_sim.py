@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from cluster.routing import POLICIES
-from cluster.sim.cli import add_simulate_parser, run_simulate
+from cluster.cli.simulate import add_simulate_parser, run_simulate
+from cluster.routing.policies import POLICIES
 from cluster.sim.engine import Replica, SimRequest, run_alone
 from cluster.sim.metrics import summarize
 from cluster.sim.perfmodel import FitError, StepModel, fit_table, step_model_for

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from cluster.autoscaling import ReplicaSignals, ScalerState, ScalingInput, decide
+from cluster.autoscaling.policy import ReplicaSignals, ScalerState, ScalingInput, decide
+from cluster.cli.simulate import add_simulate_parser, run_simulate
 from cluster.config import AutoscalingConfig
 from cluster.sim.autoscale import AUTOSCALERS, Autoscaler, Observation, default_startup_s, simulate_autoscale
-from cluster.sim.cli import add_simulate_parser, run_simulate
 from cluster.sim.simulator import make_setup
 from cluster.sim.workload import TraceRequest, Workload
 

@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import pytest
 
-from cluster.routing import LoraRequestsInfo, ReplicaLoad, RoutingRequest, make_policy
-from cluster.routing_lora import SIM_POLICIES
+from cluster.routing.lora_policies import SIM_POLICIES
+from cluster.routing.policies import LoraRequestsInfo, ReplicaLoad, RoutingRequest, make_policy
 from cluster.sim.engine import Replica, SimRequest, run_alone
 from cluster.sim.lora import LoraSpec, lora_spec_for, with_adapters
 from cluster.sim.simulator import make_setup, simulate

@@ -96,7 +96,7 @@ written around `args` given inline in values.
 {{/*
 kvpilot.schemaErrors: the ways {value, schema, path} breaks a JSON schema (the subset
 files/args.schema.json uses: type, enum, bounds, lengths, pattern, items, properties,
-required, additionalProperties), one line each, empty when none. cluster/helmschema.py
+required, additionalProperties), one line each, empty when none. cluster/chart/helmschema.py
 generates that schema from cluster.config.ClusterConfig; tests/helm check both agree.
 */}}
 {{- define "kvpilot.schemaErrors" -}}
@@ -168,7 +168,7 @@ files/args.schema.json (generated from ClusterConfig), and for each worker group
 which models it hosts, its GPU type, GPUs per pod (largest tensor_parallel_size ×
 pipeline_parallel_size), replica bounds, CPUs and drain times. Defaults mirror
 cluster/config.py's ModelConfig (TP, PP, replicas, cpus_per_worker all 1); drain times are
-cluster/placement.py's graceful_shutdown_s with the constants of files/drain.json; tests/helm
+cluster/serving/placement.py's graceful_shutdown_s with the constants of files/drain.json; tests/helm
 checks every derived number against ClusterConfig and placement themselves.
 */}}
 {{- define "kvpilot.plan" -}}
@@ -214,7 +214,7 @@ checks every derived number against ClusterConfig and placement themselves.
 {{- $minR := int (get $m "min_replicas" | default 1) -}}
 {{- $maxR := int (get $m "max_replicas" | default 1) -}}
 {{- $cpw := int (get $m "cpus_per_worker" | default 1) -}}
-{{- /* cluster/placement.py longest_generation_tokens and graceful_shutdown_s */ -}}
+{{- /* cluster/serving/placement.py longest_generation_tokens and graceful_shutdown_s */ -}}
 {{- $tokens := int (get $m "max_model_len") -}}
 {{- $limits := get $m "limits" | default dict -}}
 {{- if and (get $limits "max_tokens") (lt (int (get $limits "max_tokens")) $tokens) }}{{ $tokens = int (get $limits "max_tokens") }}{{ end -}}

@@ -1,6 +1,6 @@
 """How a memory plan is shown: the table ``kvpilot plan`` prints and ``build_app`` logs.
 
-Kept apart from ``cluster/cli.py`` so that the Serve glue (``deployments/app.py``)
+Kept apart from ``cluster/cli/kvpilot.py`` so that the Serve glue (``deployments/app.py``)
 renders the same table without importing the command line.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from cluster.hardware import GIB
-from cluster.planner import Plan
+from cluster.planning.hardware import GIB
+from cluster.planning.planner import Plan
 
 
 def gib(n: int) -> str:

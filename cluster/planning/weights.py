@@ -23,8 +23,8 @@ import re
 from collections.abc import Callable
 from dataclasses import replace
 
-from cluster.hub import TensorInfo
-from cluster.modelspec import ModelSpec, QuantSpec
+from cluster.planning.hub import TensorInfo
+from cluster.planning.modelspec import ModelSpec, QuantSpec
 
 # Each attention layer's fp32 _q/_k/_v/_prob scale buffers (vLLM's Attention, for fp8 KV and attention).
 ATTENTION_SCALE_BYTES = 4 * 4

@@ -24,10 +24,11 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from cluster.config import ModelConfig
-from cluster.hardware import GIB, Accelerator, get_accelerator, quantization_support
-from cluster.hub import TensorInfo
-from cluster.modelspec import ModelSpec, QuantSpec
-from cluster.weights import VOCAB_PADDING, config_tensors, drop_at_load, load_time_bytes, online_quant, rank_bytes
+from cluster.planning.hardware import GIB, Accelerator, get_accelerator, quantization_support
+from cluster.planning.hub import TensorInfo
+from cluster.planning.modelspec import ModelSpec, QuantSpec
+from cluster.planning.weights import (VOCAB_PADDING, config_tensors, drop_at_load, load_time_bytes, online_quant,
+                                      rank_bytes)
 
 # Runtime memory outside torch tensors, and the CUDA-graph pool; rough figures
 # from vLLM's startup logs ("non-torch memory", "Graph capturing finished ...").
@@ -319,7 +320,7 @@ def _lora_buffers(cfg: ModelConfig, spec: ModelSpec, dtype: str, tp: int, pp: in
     """Bytes per GPU of vLLM's LoRA slots (0 without ``lora:``); says what they cost in KV tokens."""
     if cfg.lora is None:
         return 0
-    from cluster.lora import DENSE_TARGETS, adapter_bytes, buffer_bytes_per_gpu
+    from cluster.planning.lora import DENSE_TARGETS, adapter_bytes, buffer_bytes_per_gpu
 
     lo = cfg.lora
     nbytes = _DTYPE_BYTES.get(dtype, 2)

@@ -5,7 +5,7 @@ another machine):
 
 ``itl_floor_s``
     The decode time of one engine step at low batch: one sequence's inter-token latency,
-    the autoscaler's compute floor (``cluster.autoscaling``).
+    the autoscaler's compute floor (``cluster.autoscaling.policy``).
 ``prefill_tokens_per_s``
     How many uncached prompt tokens the engine prefills per second: the ``kvpilot``
     routing policy drains its per-replica prefill queue at this speed.

@@ -1,6 +1,6 @@
 """``kvpilot bench``: the sub-command's arguments and what it runs.
 
-Wired into ``kvpilot`` by ``cluster.cli`` (``add_bench_parser(sub)``; ``run_bench(ns, console)``);
+Wired into ``kvpilot`` by ``cluster.cli.kvpilot`` (``add_bench_parser(sub)``; ``run_bench(ns, console)``);
 also runnable alone as ``python -m cluster.bench ...``.
 """
 
@@ -105,8 +105,8 @@ def _server_model(ns: argparse.Namespace) -> tuple[str, int | None]:
 
 def build_from_args(ns: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
     """Flags → (BenchConfig, Workload, warm-up RequestSpecs). Raises ValueError naming a bad flag."""
-    from cluster.traces import SLO
     from cluster.bench.runner import BenchConfig
+    from cluster.traces import SLO
     from cluster.bench.workload import (
         DEFAULT_TOKEN_ID_RANGE,
         build_workload,

@@ -1,10 +1,10 @@
-"""The peers' LoRA-aware routing, as baselines for the simulator (``cluster.sim``); pure, like ``cluster.routing``.
+"""The peers' LoRA-aware routing, as baselines for the simulator (``cluster.sim``); pure, like ``cluster.routing.policies``.
 
 Both read what vLLM exports per engine as ``vllm:lora_requests_info`` (the adapters with
 requests running, those with requests waiting, and ``max_lora``): the ``lora_info`` column
-of the snapshot (``cluster.routing.LoraRequestsInfo``), as stale as the engines' last report.
+of the snapshot (``cluster.routing.policies.LoraRequestsInfo``), as stale as the engines' last report.
 The live router does not collect that gauge, so these are simulator-only
-(``SIM_LORA_POLICIES``, not ``cluster.routing.POLICIES``). Written from the peers'
+(``SIM_LORA_POLICIES``, not ``cluster.routing.policies.POLICIES``). Written from the peers'
 documented behaviour and published source, not copied:
 
 ``llmd_lora``
@@ -32,14 +32,14 @@ documented behaviour and published source, not copied:
 
 A request without an adapter (the base model) is not in any adapter list, so both peers treat
 it as a request for an adapter nobody holds, as their code does. ``pow2`` (adapter-blind) is
-``cluster.routing.PowerOfTwo``.
+``cluster.routing.policies.PowerOfTwo``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cluster.routing import POLICIES, Candidates, LoraRequestsInfo, Policy, ReplicaLoad
+from cluster.routing.policies import POLICIES, Candidates, LoraRequestsInfo, Policy, ReplicaLoad
 
 _NO_INFO = LoraRequestsInfo()
 

@@ -11,10 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.config import ClusterConfig, ConfigError
-from cluster.hardware import CATALOG, QUANTIZATIONS
-from cluster.modelspec import load_spec
-from cluster.plan_report import gib, render_plan
-from cluster.planner import parameter_count, plan_model, size_table
+from cluster.planning.hardware import CATALOG, QUANTIZATIONS
+from cluster.planning.modelspec import load_spec
+from cluster.planning.planner import parameter_count, plan_model, size_table
+from cluster.planning.report import gib, render_plan
 
 EXIT_OK, EXIT_INVALID, EXIT_DOES_NOT_FIT = 0, 2, 3
 
@@ -78,9 +78,9 @@ def _cmd_sizes(ns: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_tiny_model(ns: argparse.Namespace, console: Console) -> int:
-    from cluster.tinymodel import write_tiny_model
+    from cluster.fixtures.tinymodel import write_tiny_model
 
-    from cluster.tinymodel import write_fixture
+    from cluster.fixtures.tinymodel import write_fixture
 
     if ns.fixture:
         path = write_fixture(ns.out, ns.fixture, seed=ns.seed)
@@ -135,7 +135,7 @@ def _cmd_wait_ready(ns: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_dashboards(ns: argparse.Namespace, console: Console) -> int:
-    from cluster.dashboards import write_dashboards
+    from cluster.chart.dashboards import write_dashboards
 
     for path in write_dashboards(ns.out):
         console.print(f"wrote {path}", highlight=False)
@@ -143,13 +143,13 @@ def _cmd_dashboards(ns: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_simulate(ns: argparse.Namespace, console: Console) -> int:
-    from cluster.sim.cli import run_simulate
+    from cluster.cli.simulate import run_simulate
 
     return run_simulate(ns, console)
 
 
 def _cmd_bench(ns: argparse.Namespace, console: Console) -> int:
-    from cluster.bench.cli import run_bench
+    from cluster.cli.bench import run_bench
 
     return run_bench(ns, console)
 
@@ -197,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(MoE: STYLE-QUANT with STYLE mixtral or qwen3moe)")
     tiny.add_argument("--seed", type=int, default=0)
 
-    from cluster.bench.cli import add_bench_parser
-    from cluster.sim.cli import add_simulate_parser
+    from cluster.cli.bench import add_bench_parser
+    from cluster.cli.simulate import add_simulate_parser
 
     add_simulate_parser(sub)
     add_bench_parser(sub)

@@ -1,6 +1,6 @@
 """``kvpilot simulate``: replay a trace through simulated replicas under each routing policy.
 
-Wired into ``cluster/cli.py`` with ``add_simulate_parser(subparsers)`` and the
+Wired into ``cluster/cli/kvpilot.py`` with ``add_simulate_parser(subparsers)`` and the
 handler ``run_simulate(ns, console) -> exit status``.
 """
 
@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cluster.routing import POLICIES
+from cluster.routing.policies import POLICIES
 from cluster.sim.autoscale import (AUTOSCALERS, DEFAULT_PERIOD_S, LOAD_BYTES_PER_S, TUNED, WARMUP_S, AutoscaleResult,
                                    default_startup_s, simulate_autoscale)
 from cluster.sim.metrics import PolicyResult

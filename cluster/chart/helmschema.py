@@ -1,7 +1,7 @@
 """The Helm chart's view of the config, generated from the config itself.
 
-``python -m cluster.helmschema`` writes, from ``ClusterConfig`` (what ``kvpilot validate`` and
-``build_app`` check) and the drain constants of ``cluster.placement``:
+``python -m cluster.chart.helmschema`` writes, from ``ClusterConfig`` (what ``kvpilot validate`` and
+``build_app`` check) and the drain constants of ``cluster.serving.placement``:
 
 * ``helm/kvpilot/files/args.schema.json``: the JSON schema of kvpilot's application ``args``,
   with which the chart checks a Serve config given as a file (``--set-file serveConfig=...``);
@@ -9,12 +9,12 @@
   ``helm install`` itself checks ``args`` given inline in values;
 * ``helm/kvpilot/files/drain.json``: the numbers the chart derives drain times from;
 * ``helm/kvpilot/files/accelerators.yaml`` and the worker groups' ``accelerator`` enum of
-  ``values.schema.json``: the GPU types of ``cluster.hardware.CATALOG`` and Ray's name for each.
+  ``values.schema.json``: the GPU types of ``cluster.planning.hardware.CATALOG`` and Ray's name for each.
 
 ``--check`` writes nothing and exits 1 when a committed file differs (tests/helm run it too).
 
 What the pydantic schema cannot say is added from the same sources the validators use: the
-GPU names of ``cluster.hardware.CATALOG`` (the chart runs GPU workers only), the quantization
+GPU names of ``cluster.planning.hardware.CATALOG`` (the chart runs GPU workers only), the quantization
 methods and the routing policies. The chart also requires ``max_model_len``: it sizes the pods'
 grace periods from it and cannot read the checkpoint's context length.
 """
@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import ClusterConfig
-from cluster.hardware import CATALOG, QUANTIZATIONS
-from cluster.placement import DRAIN_MARGIN_S, DRAIN_MS_PER_TOKEN
-from cluster.routing import POLICIES
+from cluster.planning.hardware import CATALOG, QUANTIZATIONS
+from cluster.routing.policies import POLICIES
+from cluster.serving.placement import DRAIN_MARGIN_S, DRAIN_MS_PER_TOKEN
 
-CHART = Path(__file__).resolve().parents[1] / "helm" / "kvpilot"
+CHART = Path(__file__).resolve().parents[2] / "helm" / "kvpilot"
 # Seconds a pod keeps after its replicas' drain, for `ray stop` and the container's exit.
 POD_STOP_MARGIN_S = 30
 _DROP = {"title", "default"}  # values.yaml and the config docs say defaults; the schema checks
@@ -84,10 +84,10 @@ ACCELERATORS_HEADER = """\
 # GPU types a worker group can run, keyed by kvpilot's accelerator name (the `accelerator`
 # of a model in a Serve config), with the name Ray gives the same GPU in its
 # `accelerator_type:<rayType>` node resource. kvpilot's placement bundles ask for a sliver of
-# that resource (cluster/placement.py, worker_bundles), so each worker group advertises it.
+# that resource (cluster/serving/placement.py, worker_bundles), so each worker group advertises it.
 # rayType "" means Ray has no accelerator_type for the GPU: nothing is advertised, and
 # kvpilot's bundles do not ask for one.
-# Generated from cluster/hardware.py (CATALOG, ray_type) by `python -m cluster.helmschema`.
+# Generated from cluster/planning/hardware.py (CATALOG, ray_type) by `python -m cluster.chart.helmschema`.
 """
 
 
@@ -111,7 +111,7 @@ def generated(chart: Path = CHART) -> dict[Path, str]:
     values_schema["properties"]["args"] = {
         **schema,
         "description": "kvpilot's application args inline (instead of serveConfig); "
-        "generated from cluster.config.ClusterConfig by `python -m cluster.helmschema`.",
+        "generated from cluster.config.ClusterConfig by `python -m cluster.chart.helmschema`.",
     }
     worker = values_schema["properties"]["workerGroups"]["items"]["properties"]
     worker["accelerator"]["enum"] = list(_gpus())
@@ -124,7 +124,7 @@ def generated(chart: Path = CHART) -> dict[Path, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cluster.helmschema", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cluster.chart.helmschema", description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file is not what would be written")
     p.add_argument("--chart", type=Path, default=CHART)
     ns = p.parse_args(argv)

@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.hardware import GPU_BLOCK_SIZE as BLOCK_TOKENS  # vLLM's GPU KV block: prefix reuse happens in whole blocks
+from cluster.planning.hardware import GPU_BLOCK_SIZE as BLOCK_TOKENS  # vLLM's GPU KV block: prefix reuse happens in whole blocks
 
 # kvpilot's prefill speed for a replica that has not measured its own (the simulator's H100 figure
-# for Llama-2-70B TP=2): what a replica reports (cluster.calibration) replaces it.
+# for Llama-2-70B TP=2): what a replica reports (cluster.serving.calibration) replaces it.
 PLAN_PREFILL_TOKENS_PER_S = 6900.0
 
 
@@ -612,7 +612,7 @@ class KVPilot(Policy):
 
     ``prefill_tokens_per_s`` is an override: set, it is every replica's speed. Unset, each
     replica's is what it measured of its own engine (``set_prefill_rate``, fed by the live
-    router from the replica's stats, ``cluster.calibration``), and ``PLAN_PREFILL_TOKENS_PER_S``
+    router from the replica's stats, ``cluster.serving.calibration``), and ``PLAN_PREFILL_TOKENS_PER_S``
     until it has. The simulator supplies ``clock`` (simulated seconds) and
     ``prefill_tokens_per_s`` (from its step model); a live router passes ``time.monotonic``.
     """

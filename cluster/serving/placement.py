@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from cluster.config import ModelConfig
-from cluster.hardware import GPU_BLOCK_SIZE, get_accelerator
+from cluster.planning.hardware import GPU_BLOCK_SIZE, get_accelerator
 
 REPLICA_ACTOR_CPUS = 1  # the replica process: tokenization, streaming, the engine's front end
 # Seconds: a 70B engine needs minutes to load before its first health check.

@@ -3,7 +3,7 @@
 Pure (no Ray, no vLLM): the config checks and the planner use it.
 
 An adapter is a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``),
-local or on the hub (``cluster.hub.resolve_adapter``). It fits its base when
+local or on the hub (``cluster.planning.hub.resolve_adapter``). It fits its base when
 
 * its rank (``r``, and every ``rank_pattern`` rank) is at most ``max_lora_rank`` (vLLM
   sizes its GPU buffers for that rank and refuses a larger adapter at load);
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.modelspec import ModelSpec
+from cluster.planning.modelspec import ModelSpec
 
 # vLLM 0.32's LoRAConfig.max_lora_rank choices.
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

@@ -53,7 +53,7 @@ class ReplicaSignals:
     token_rate: float = 0.0  # prompt + generated tokens per second
     gpu_memory_used_ratio: float | None = None
     generation_rate: float | None = None  # generated (output) tokens per second; None: not reported
-    # Measured by the replica from its own engine (cluster.calibration); None: not measured yet.
+    # Measured by the replica from its own engine (cluster.serving.calibration); None: not measured yet.
     itl_floor_s: float | None = None  # decode step time at batch 1
     kv_capacity_tokens: float | None = None  # KV blocks x block size as the engine allocated them
 

@@ -1,6 +1,6 @@
 """Architecture and quantization facts of a checkpoint, from its ``config.json`` (and tensors).
 
-``load_spec(source, revision)`` resolves the source (``cluster.hub``: a local directory or a
+``load_spec(source, revision)`` resolves the source (``cluster.planning.hub``: a local directory or a
 hub id) and reads its ``config.json`` into a ``ModelSpec``: dense attention (Llama, Mistral,
 Qwen2/2.5/3, Gemma 2/3, Phi-3), mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE,
 DeepSeek-V2/V3, gpt-oss), MLA attention and sliding-window layers. A ``model_type``
@@ -9,7 +9,7 @@ headers could be read, ``ModelSpec.tensors`` holds every tensor's dtype and shap
 planner counts those instead of arithmetic.
 
 Offline with an uncached hub id, ``config.json`` files of common checkpoints shipped in
-``cluster/known_models/<org>/<name>/config.json`` (copies of the published files) stand in.
+``cluster/planning/known_models/<org>/<name>/config.json`` (copies of the published files) stand in.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cluster.hub import HubError, ResolvedSource, TensorInfo, resolve
+from cluster.planning.hub import HubError, ResolvedSource, TensorInfo, resolve
 
 KNOWN_MODELS_DIR = Path(__file__).with_name("known_models")
 
@@ -62,7 +62,7 @@ class QuantSpec:
 
     @property
     def format(self) -> str:
-        """The hardware-support key of cluster.hardware.FORMATS."""
+        """The hardware-support key of cluster.planning.hardware.FORMATS."""
         if self.method in ("awq", "gptq"):
             return self.method
         return {"w4a16": "wna16", "w8a16": "wna16", "w8a8-int8": "int8", "nvfp4": "nvfp4", "mxfp4": "mxfp4",

@@ -1,0 +1,1 @@
+"""Autoscaling: how many replicas a model needs, and why."""

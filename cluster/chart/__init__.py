@@ -1,0 +1,1 @@
+"""What the Helm chart ships that is generated from the code: dashboards, the args schema."""

@@ -1,0 +1,1 @@
+"""The command lines: ``kvpilot`` and its ``simulate`` and ``bench`` commands."""

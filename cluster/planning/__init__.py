@@ -1,0 +1,1 @@
+"""Planning: model sources, architectures, weights, adapters, the GPU catalog and the memory plan."""
