@@ -49,7 +49,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_stack import (EngineWatch, LocalStack, engines_under, is_openai_error,  # noqa: E402
                          machine_orphans, add_fault_args, start_stack, tiny_model, wait_for, write_result)
-from cluster.bench.client import sse_data  # noqa: E402
+from cluster.bench.client import stream_outcome  # noqa: E402
 
 MODEL = "tiny"
 
@@ -73,22 +73,10 @@ async def one_stream(http: httpx.AsyncClient, url: str, i: int, out: Stream, max
                 clean = is_openai_error((await r.aread()).decode())
                 out.result = "failed_before_streaming" if clean else "failed_unclean"
                 return
-            done = error = False
-            tokens = 0
-            async for data in sse_data(r.aiter_bytes()):
+            def seen() -> None:
                 out.first_chunk_at = out.first_chunk_at or time.monotonic()
-                if data == "[DONE]":
-                    done = True
-                elif "error" in json.loads(data):
-                    error = True
-                else:
-                    tokens += 1
-            if not done:
-                out.result = "failed_unclean"
-            elif error:
-                out.result = "failed_mid_stream" if tokens else "failed_before_streaming"
-            else:
-                out.result = "completed"
+
+            out.result = await stream_outcome(r.aiter_bytes(), seen)
     except httpx.TimeoutException:
         out.result = "hung"
     except (httpx.HTTPError, ValueError):

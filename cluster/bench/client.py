@@ -61,6 +61,28 @@ async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
         yield pending[5:].strip().decode()  # a stream cut mid-event: the caller sees the partial payload
 
 
+async def stream_outcome(chunks: AsyncIterator[bytes], on_event: Any = None) -> str:
+    """How a streamed completion ended, from its bytes: ``completed``; ``failed_mid_stream`` (tokens,
+    then an error event and ``[DONE]``); ``failed_before_streaming`` (an error event before any
+    token); ``failed_unclean`` (no ``[DONE]``). ``on_event`` is called at each event."""
+    done = error = False
+    tokens = 0
+    async for data in sse_data(chunks):
+        if on_event is not None:
+            on_event()
+        if data == "[DONE]":
+            done = True
+        elif "error" in json.loads(data):
+            error = True
+        else:
+            tokens += 1
+    if not done:
+        return "failed_unclean"
+    if error:
+        return "failed_mid_stream" if tokens else "failed_before_streaming"
+    return "completed"
+
+
 def _has_token(choice: dict[str, Any], chat: bool) -> bool:
     """Whether a chunk's choice carries output (chat servers open with a role-only delta)."""
     if not chat:

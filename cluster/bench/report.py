@@ -107,12 +107,7 @@ def plot_cdfs(runs: dict[str, list[RequestRecord]], path: str | Path, title: str
             ax.set_xscale("symlog", linthresh=1.0)
         if len(runs) > 1 or key == "ttft_ms":
             ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, title)
 
 
 def plot_timeline(timelines: dict[str, dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -132,6 +127,12 @@ def plot_timeline(timelines: dict[str, dict[str, Any]], path: str | Path, title:
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _save(fig, path, title)
+
+
+def _save(fig: Any, path: str | Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title)
     fig.tight_layout()

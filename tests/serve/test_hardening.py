@@ -30,7 +30,7 @@ import pytest
 from ray import serve
 
 from cluster import metrics as M
-from cluster.bench.client import sse_data
+from cluster.bench.client import stream_outcome
 from cluster.serving.placement import deployment_name
 from tests.serve.conftest import ROOT, deploy
 
@@ -348,22 +348,11 @@ async def _one_stream(http: httpx.AsyncClient, base: str, i: int, out: _Outcome,
             text = (await r.aread()).decode()
             out.result = "failed_before_streaming" if "error" in json.loads(text) else "failed_unclean"
             return
-        done, error, tokens = False, False, 0
-        async for data in sse_data(r.aiter_bytes()):
-            if out.first_chunk_at is None:
-                out.first_chunk_at = time.monotonic()
-            if data == "[DONE]":
-                done = True
-            elif "error" in json.loads(data):
-                error = True
-            else:
-                tokens += 1
-        if done and not error:
-            out.result = "completed"
-        elif done and error:
-            out.result = "failed_mid_stream" if tokens else "failed_before_streaming"
-        else:
-            out.result = "failed_unclean"
+
+        def seen() -> None:
+            out.first_chunk_at = out.first_chunk_at or time.monotonic()
+
+        out.result = await stream_outcome(r.aiter_bytes(), seen)
 
 
 def _replicas(app: str) -> dict[str, int]:

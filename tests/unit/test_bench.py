@@ -361,3 +361,22 @@ def test_sse_events_split_at_newlines_only():
     got = asyncio.run(collect())
     assert got == [event, "[DONE]"]
     assert json.loads(got[0])["choices"][0]["text"] == "a\u2028b\x85c\u2029"
+
+
+@pytest.mark.parametrize("events, outcome", [
+    (['{"choices": [{"text": "a"}]}', "[DONE]"], "completed"),
+    (['{"choices": [{"text": "a"}]}', '{"error": {"message": "engine died"}}', "[DONE]"], "failed_mid_stream"),
+    (['{"error": {"message": "engine died"}}', "[DONE]"], "failed_before_streaming"),
+    (['{"choices": [{"text": "a"}]}'], "failed_unclean"),  # the connection ended without [DONE]
+])
+def test_a_stream_outcome_is_read_from_its_events(events, outcome):
+    from cluster.bench.client import stream_outcome
+
+    raw = "".join(f"data: {e}\n\n" for e in events).encode()
+
+    async def chunks():
+        yield raw
+
+    seen = []
+    assert asyncio.run(stream_outcome(chunks(), lambda: seen.append(1))) == outcome
+    assert len(seen) == len(events)
