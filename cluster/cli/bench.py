@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import urllib.error
 from pathlib import Path
 from typing import Any
@@ -205,11 +204,6 @@ def run_bench(ns: argparse.Namespace, console: Console) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m cluster.bench ARGS`` = ``kvpilot bench ARGS``."""
-    parser = argparse.ArgumentParser(prog="kvpilot")
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return run_bench(ns, Console(soft_wrap=True))
-    except ValueError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False)
-        return 2
+    from cluster.cli.standalone import run_alone
+
+    return run_alone("kvpilot", "bench", add_bench_parser, run_bench, argv)
