@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from cluster import metrics as M
+from cluster import metrics
 from cluster.autoscaling.policy import Decision, ReplicaSignals, ScalerState, ScalingInput, decide
 from cluster.config import AutoscalingConfig
 from cluster.serving.calibration import ITL_FLOOR_KEY, KV_CAPACITY_KEY, SourceLog
@@ -34,10 +34,10 @@ class KVPilotAutoscaler:
         self._sources = SourceLog()
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
-        metrics = ctx.aggregated_metrics or {}
+        reported = ctx.aggregated_metrics or {}
 
         def value(name: str, rid: Any) -> float | None:
-            v = metrics.get(name, {}).get(rid)
+            v = reported.get(name, {}).get(rid)
             return None if v is None else float(v)
 
         replicas = tuple(
@@ -74,13 +74,13 @@ class KVPilotAutoscaler:
 
     def _record(self, decision: Decision, current: int) -> None:
         """Metrics every call; a log line when the decision changes kind or count (the reason's numbers move every call)."""
-        self._rec.set(M.AUTOSCALER_CURRENT, current)
-        self._rec.set(M.AUTOSCALER_DESIRED, decision.desired)
-        self._rec.set(M.AUTOSCALER_KV_DEMAND, decision.kv_demand_ratio)
-        self._rec.inc(M.AUTOSCALER_DECISIONS, 1, reason=decision.kind)
+        self._rec.set(metrics.AUTOSCALER_CURRENT, current)
+        self._rec.set(metrics.AUTOSCALER_DESIRED, decision.desired)
+        self._rec.set(metrics.AUTOSCALER_KV_DEMAND, decision.kv_demand_ratio)
+        self._rec.inc(metrics.AUTOSCALER_DECISIONS, 1, reason=decision.kind)
         floor, floor_source = decision.signals.get("itl_floor_s"), decision.sources.get("itl_floor_s", "learned")
         if floor is not None:
-            self._rec.set(M.AUTOSCALER_ITL_FLOOR, floor, source=floor_source)
+            self._rec.set(metrics.AUTOSCALER_ITL_FLOOR, floor, source=floor_source)
         for fact, source in decision.sources.items():
             if self._sources.changed(fact, source):
                 shown = "" if fact != "itl_floor_s" or floor is None else f" {floor * 1e3:,.1f} ms"

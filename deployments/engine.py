@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cluster import metrics as M
+from cluster import metrics
 from cluster.config import ModelConfig
 from cluster.serving.calibration import EngineCalibrator
 from deployments import reaper
@@ -68,26 +68,26 @@ class EngineStats:
             self.prefix_cache_queries += pcs.queries
             self.prefix_cache_hits += pcs.hits
             if rec is not None:
-                rec.inc(M.ENGINE_PREFIX_QUERIES, pcs.queries)
-                rec.inc(M.ENGINE_PREFIX_HITS, pcs.hits)
+                rec.inc(metrics.ENGINE_PREFIX_QUERIES, pcs.queries)
+                rec.inc(metrics.ENGINE_PREFIX_HITS, pcs.hits)
         self.updated_at = time.time()
         if rec is not None:
-            rec.set(M.ENGINE_KV_CACHE_USAGE, self.kv_cache_usage)
-            rec.set(M.ENGINE_RUNNING, self.num_running)
-            rec.set(M.ENGINE_WAITING, self.num_waiting)
+            rec.set(metrics.ENGINE_KV_CACHE_USAGE, self.kv_cache_usage)
+            rec.set(metrics.ENGINE_RUNNING, self.num_running)
+            rec.set(metrics.ENGINE_WAITING, self.num_waiting)
 
 
 def _export_iteration(rec: Recorder, it: Any) -> None:
-    rec.inc(M.ENGINE_PROMPT_TOKENS, it.num_prompt_tokens)
-    rec.inc(M.ENGINE_GENERATION_TOKENS, it.num_generation_tokens)
-    rec.inc(M.ENGINE_PREEMPTIONS, it.num_preempted_reqs)
+    rec.inc(metrics.ENGINE_PROMPT_TOKENS, it.num_prompt_tokens)
+    rec.inc(metrics.ENGINE_GENERATION_TOKENS, it.num_generation_tokens)
+    rec.inc(metrics.ENGINE_PREEMPTIONS, it.num_preempted_reqs)
     for v in it.time_to_first_tokens_iter:
-        rec.observe(M.ENGINE_TTFT, v)
+        rec.observe(metrics.ENGINE_TTFT, v)
     for v in it.inter_token_latencies_iter:
-        rec.observe(M.ENGINE_ITL, v)
+        rec.observe(metrics.ENGINE_ITL, v)
     for f in it.finished_requests:
-        rec.observe(M.ENGINE_E2E, f.e2e_latency)
-        rec.inc(M.ENGINE_REQUESTS_FINISHED, 1, reason=str(f.finish_reason))
+        rec.observe(metrics.ENGINE_E2E, f.e2e_latency)
+        rec.inc(metrics.ENGINE_REQUESTS_FINISHED, 1, reason=str(f.finish_reason))
 
 
 def _stat_logger_factory(stats: EngineStats, rec: Recorder | None) -> Callable[..., Any]:
@@ -218,9 +218,9 @@ class ModelServer:
             await self._refresh_adapters()
 
     def _count_adapter_use(self, adapter: str, usage: dict[str, int]) -> None:
-        self._rec.inc(M.LORA_REQUESTS, adapter=adapter)
-        self._rec.inc(M.LORA_PROMPT_TOKENS, usage.get("prompt_tokens", 0), adapter=adapter)
-        self._rec.inc(M.LORA_GENERATION_TOKENS, usage.get("completion_tokens", 0), adapter=adapter)
+        self._rec.inc(metrics.LORA_REQUESTS, adapter=adapter)
+        self._rec.inc(metrics.LORA_PROMPT_TOKENS, usage.get("prompt_tokens", 0), adapter=adapter)
+        self._rec.inc(metrics.LORA_GENERATION_TOKENS, usage.get("completion_tokens", 0), adapter=adapter)
 
     async def _refresh_adapters(self) -> None:
         """Ask the engine which adapters its cache holds; count what came and went since.
@@ -235,9 +235,9 @@ class ModelServer:
             return
         self._adapters_applied = query
         before = set(self._resident_adapters)
-        self._rec.inc(M.LORA_LOADS, len(set(now) - before))
-        self._rec.inc(M.LORA_EVICTIONS, len(before - set(now)))
-        self._rec.set(M.LORA_RESIDENT, len(now))
+        self._rec.inc(metrics.LORA_LOADS, len(set(now) - before))
+        self._rec.inc(metrics.LORA_EVICTIONS, len(before - set(now)))
+        self._rec.set(metrics.LORA_RESIDENT, len(now))
         self._resident_adapters = now
 
     # --- replica lifecycle and stats -------------------------------------
@@ -265,20 +265,20 @@ class ModelServer:
     def record_routing_stats(self) -> dict[str, Any]:
         """Serve calls this every ``routing.stats_period_s``; it also refreshes the gauges of an idle engine."""
         live = self.stats()
-        self._rec.set(M.ENGINE_KV_CACHE_USAGE, live["kv_cache_usage"])
-        self._rec.set(M.ENGINE_RUNNING, live["num_running"])
-        self._rec.set(M.ENGINE_WAITING, live["num_waiting"])
+        self._rec.set(metrics.ENGINE_KV_CACHE_USAGE, live["kv_cache_usage"])
+        self._rec.set(metrics.ENGINE_RUNNING, live["num_running"])
+        self._rec.set(metrics.ENGINE_WAITING, live["num_waiting"])
         out = {**live, **self._calibration()}
         if self._model.lora is not None:  # the adapters in the engine's cache: the router prefers them
             out["adapters"] = list(self._resident_adapters)
-            self._rec.set(M.LORA_RESIDENT, len(self._resident_adapters))  # Ray drops gauges not set for a while
+            self._rec.set(metrics.LORA_RESIDENT, len(self._resident_adapters))  # Ray drops gauges not set for a while
         return out
 
     def _calibration(self) -> dict[str, float]:
         """What this replica measured of its engine (cluster.serving.calibration): only the facts known so far."""
         facts = self._stats.calibration.snapshot().as_stats()
-        for key, metric in (("itl_floor_s", M.ENGINE_ITL_FLOOR), ("prefill_tokens_per_s", M.ENGINE_PREFILL_RATE),
-                            ("kv_capacity_tokens", M.ENGINE_KV_CAPACITY)):
+        for key, metric in (("itl_floor_s", metrics.ENGINE_ITL_FLOOR), ("prefill_tokens_per_s", metrics.ENGINE_PREFILL_RATE),
+                            ("kv_capacity_tokens", metrics.ENGINE_KV_CAPACITY)):
             if key in facts:
                 self._rec.set(metric, facts[key])
         return facts
@@ -307,9 +307,9 @@ class ModelServer:
     def _export_gpu_memory(self) -> list[tuple[int, int, int]]:
         gpus = self._gpu.sample()
         for index, used, total in gpus:
-            self._rec.set(M.GPU_MEMORY_USED, used, gpu=str(index))
-            self._rec.set(M.GPU_MEMORY_TOTAL, total, gpu=str(index))
-            self._rec.set(M.GPU_KV_CACHE_BYTES, self._stats.kv_cache_usage * self._planned_kv_bytes, gpu=str(index))
+            self._rec.set(metrics.GPU_MEMORY_USED, used, gpu=str(index))
+            self._rec.set(metrics.GPU_MEMORY_TOTAL, total, gpu=str(index))
+            self._rec.set(metrics.GPU_KV_CACHE_BYTES, self._stats.kv_cache_usage * self._planned_kv_bytes, gpu=str(index))
         return gpus
 
     def __del__(self) -> None:

@@ -32,7 +32,7 @@ from ray.exceptions import RayActorError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster import metrics as M
+from cluster import metrics
 from cluster.config import IngressConfig, ModelConfig
 from cluster.planning.hub import resolve_source
 from cluster.serving.placement import ONGOING_PER_SLOT, SERVE_LOOP_ENV
@@ -425,9 +425,9 @@ class Ingress:
     # --- accounting ---------------------------------------------------------
 
     def count(self, model: str, status: int, error_kind: str | None = None) -> None:
-        self._metrics.inc(M.INGRESS_REQUESTS, model=model, code=str(status))
+        self._metrics.inc(metrics.INGRESS_REQUESTS, model=model, code=str(status))
         if error_kind is not None:
-            self._metrics.inc(M.INGRESS_ERRORS, model=model, kind=error_kind)
+            self._metrics.inc(metrics.INGRESS_ERRORS, model=model, kind=error_kind)
 
     def _refuse(self, model: str, refused: _Refused) -> JSONResponse:
         self.count(model, refused.status, refused.code or refused.kind)
@@ -807,7 +807,7 @@ class Ingress:
                 if not _replica_lost(e) or attempt >= self._cfg.replica_retries:
                     raise
                 self.resubmitted += 1
-                self._metrics.inc(M.INGRESS_ERRORS, model=admission.model, kind="replica_lost_resubmitted")
+                self._metrics.inc(metrics.INGRESS_ERRORS, model=admission.model, kind="replica_lost_resubmitted")
                 logger.warning("request %s: replica lost before the first token (%s); resubmitting",
                                call.request_id, type(e).__name__)
                 await asyncio.sleep(RETRY_BACKOFF_S)
@@ -827,7 +827,7 @@ class Ingress:
             finished = True
         except Exception as e:
             finished = True
-            self._metrics.inc(M.INGRESS_ERRORS, model=admission.model, kind="stream_failed")
+            self._metrics.inc(metrics.INGRESS_ERRORS, model=admission.model, kind="stream_failed")
             logger.warning("stream %s failed mid-generation: %s", call.request_id, type(e).__name__)
             error = {"error": {"message": f"generation failed: {type(e).__name__}", "type": "server_error",
                                "param": None, "code": "engine_error"}}

@@ -30,11 +30,12 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from cluster import metrics as M
-from cluster.serving.calibration import KV_CAPACITY_KEY, PREFILL_KEY, SourceLog
+from cluster import metrics
+from cluster.planning.hardware import GPU_BLOCK_SIZE
 from cluster.routing.policies import (
     AdapterLedger, Candidates, Ledger, PrefixIndex, RoutingRequest, block_hashes, candidates, make_policy,
 )
+from cluster.serving.calibration import KV_CAPACITY_KEY, PREFILL_KEY, SourceLog
 from deployments.telemetry import Recorder
 
 # Requests whose routing facts are kept between Serve's calls (choose_replicas, again after a
@@ -73,7 +74,7 @@ class KVPilotRouter(RequestRouter):
         policy: str = "kvpilot",
         params: dict[str, Any] | None = None,
         kv_capacity_tokens: int = 0,
-        block_tokens: int = 16,
+        block_tokens: int = GPU_BLOCK_SIZE,  # the plan's block size comes with the deployment options
         max_index_blocks: int = 1_000_000,
         seed: int = 0,
         engine: dict[str, int] | None = None,
@@ -162,7 +163,7 @@ class KVPilotRouter(RequestRouter):
         if setter is None:
             return
         used, source = setter(uid, None if prefill is None else float(prefill))
-        self._rec.set(M.ROUTER_PREFILL_RATE, used, replica=uid, source=source)
+        self._rec.set(metrics.ROUTER_PREFILL_RATE, used, replica=uid, source=source)
         if self._sources.changed(f"{uid}/prefill", source):
             logger.info("router %s: replica %s prefill speed %s tokens/s (%s)", self._model, uid, f"{used:,.0f}", source)
 
@@ -175,11 +176,11 @@ class KVPilotRouter(RequestRouter):
         req = self._routing_request(pending_request)
         rid = pending_request.metadata.internal_request_id
         if len(candidate_replicas) <= 1:  # nothing to rank, but the time is still the router's
-            self._rec.observe(M.ROUTER_DECISION_SECONDS, time.perf_counter() - started)
+            self._rec.observe(metrics.ROUTER_DECISION_SECONDS, time.perf_counter() - started)
             return [candidate_replicas]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         ranked = self._policy.rank_columns(req, self._candidates(candidate_replicas, req, rid))
-        self._rec.observe(M.ROUTER_DECISION_SECONDS, time.perf_counter() - started)
+        self._rec.observe(metrics.ROUTER_DECISION_SECONDS, time.perf_counter() - started)
         self._chosen[rid] = (ranked[0], time.monotonic())
         if len(self._chosen) > MAX_PLACING:
             self._chosen.popitem(last=False)
@@ -199,17 +200,17 @@ class KVPilotRouter(RequestRouter):
         self._ledger.sent(uid, req.prompt_tokens + req.max_tokens)
         self._inflight[rid] = (uid, req)
         if req.block_hashes:
-            self._rec.observe(M.ROUTER_PREFIX_MATCH, matched / len(req.block_hashes))
+            self._rec.observe(metrics.ROUTER_PREFIX_MATCH, matched / len(req.block_hashes))
             self._index.insert(uid, req.block_hashes)
-        self._rec.inc(M.ROUTER_DECISIONS, 1, replica=uid)
-        self._rec.set(M.ROUTER_TOKENS_IN_FLIGHT, self._ledger.tokens[uid], replica=uid)
+        self._rec.inc(metrics.ROUTER_DECISIONS, 1, replica=uid)
+        self._rec.set(metrics.ROUTER_TOKENS_IN_FLIGHT, self._ledger.tokens[uid], replica=uid)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._placing.pop(internal_request_id, None)
         self._chosen.pop(internal_request_id, None)
         uid = self._release(internal_request_id)
         if uid is not None:
-            self._rec.set(M.ROUTER_TOKENS_IN_FLIGHT, self._ledger.tokens.get(uid, 0), replica=uid)
+            self._rec.set(metrics.ROUTER_TOKENS_IN_FLIGHT, self._ledger.tokens.get(uid, 0), replica=uid)
 
     def _release(self, rid: str) -> str | None:
         """Give back what a routed request was charged (ledger and policy); its replica, None if unknown."""

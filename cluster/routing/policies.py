@@ -792,14 +792,14 @@ class KVPilot(Policy):
         fullest = max(max(cands.kv_cache_usage), max(cands.tokens_in_flight) / smallest)
         return fullest + (req.prompt_tokens + req.max_tokens) / smallest > self.kv_high
 
-    def _ordered(self, cost: list[float], rifs: Sequence[int], ids: Sequence[str]) -> list[str]:
+    def _ordered(self, cost: list[float], in_flight: Sequence[int], ids: Sequence[str]) -> list[str]:
         """Replica ids by cost; equal costs by fewer requests in flight, then at random."""
         n = len(ids)
         if len(set(cost)) == n:
             order = sorted(range(n), key=cost.__getitem__)
         else:
             tie = [self.rng.random() for _ in range(n)]
-            order = sorted(range(n), key=lambda i: (cost[i], rifs[i], tie[i]))
+            order = sorted(range(n), key=lambda i: (cost[i], in_flight[i], tie[i]))
         return [ids[i] for i in order]
 
 

@@ -29,7 +29,7 @@ import psutil
 import pytest
 from ray import serve
 
-from cluster import metrics as M
+from cluster import metrics
 from cluster.bench.client import stream_outcome
 from cluster.serving.placement import deployment_name
 from tests.serve.conftest import ROOT, deploy
@@ -247,7 +247,7 @@ def _make_every_refusal(guarded: str) -> None:
 
 def test_ingress_metrics_count_codes_and_refusals_without_keys(guarded):
     _make_every_refusal(guarded)
-    requests_name, errors_name = M.exported_name(M.INGRESS_REQUESTS), M.exported_name(M.INGRESS_ERRORS)
+    requests_name, errors_name = metrics.exported_name(metrics.INGRESS_REQUESTS), metrics.exported_name(metrics.INGRESS_ERRORS)
     wanted = ("missing_api_key", "invalid_api_key", "rate_limit_exceeded", "request_too_large", "model_overloaded")
     deadline = time.monotonic() + 120  # Ray's metrics agent exports every few seconds, later on a loaded machine
     while True:
