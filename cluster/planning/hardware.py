@@ -2,7 +2,7 @@
 
 Memory figures are the totals ``nvidia-smi`` reports (MiB × 2**20); CUDA's
 ``total_memory`` is within about 1% of them. Minimum compute capabilities per
-method come from vLLM's quantization docs (see ../shared/docs/reference.md):
+method come from vLLM's quantization docs (docs.vllm.ai, "Supported Hardware" for quantization):
 AWQ 7.5, GPTQ 7.0, compressed-tensors INT8 W8A8 7.5, bitsandbytes 7.0, FP8 W8A8
 8.9 (Ada, Hopper); below 8.9 and from 8.0 vLLM runs FP8 checkpoints weight-only
 through its Marlin kernels.

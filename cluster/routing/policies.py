@@ -5,8 +5,8 @@ A policy ranks the candidate replicas of one model for one request. It sees a
 engine's last reported KV use and queues, and how much of this request's
 prompt the replica has cached) and returns replica ids, best first.
 
-Baselines follow the published behaviour of their systems (see
-``../shared/docs/reference.md``); ``kvpilot`` is ours and the default.
+Baselines follow the published behaviour of their systems (their sources and docs, named in
+each class's docstring; docs/routing.md compares them); ``kvpilot`` is ours and the default.
 """
 
 from __future__ import annotations

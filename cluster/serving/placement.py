@@ -26,15 +26,13 @@ HEALTH_CHECK_TIMEOUT_S = 60.0
 # 10 tokens/s per stream: an assumption, chosen slower than a full batch of the largest model
 # the shipped configs serve (Llama-2-70B AWQ, TP=2 on A10G) is expected to decode; not measured.
 DRAIN_MS_PER_TOKEN = 100
-# Seconds on top: a full-length prompt's prefill, the engine's shutdown, the last bytes out
-# (the flat timeout kvpilot used before drains were sized from the config).
+# Seconds on top: a full-length prompt's prefill, the engine's shutdown, the last bytes out.
 DRAIN_MARGIN_S = 30
 # Ray Serve runs a replica's user code on a second event loop in its own thread, and the
 # handle's router on a third, by default; every streamed token then crosses threads twice.
-# kvpilot's code is async throughout (AsyncLLM, the ingress), so it runs on the replica's
-# main loop: on the 2-core CI machine this raised closed-loop throughput ~1.8x
-# (benchmarks/compare_servers.py, docs/benchmarks.md). These are Ray's own switches (its
-# RAY_SERVE_THROUGHPUT_OPTIMIZED mode sets the same two).
+# kvpilot's code is async throughout (AsyncLLM, the ingress) and never blocks its loop, so it
+# runs on the replica's main loop and a token crosses no thread. These are Ray's own switches
+# (its RAY_SERVE_THROUGHPUT_OPTIMIZED mode sets the same two).
 SERVE_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 

@@ -255,7 +255,7 @@ class KVTargetScaler(Autoscaler):
 
 AUTOSCALERS = ("kvpilot", "ray_default", "queue", "kv_target")
 # Each peer's best setting on the Azure conversation trace at the CLI's autoscale defaults
-# (benchmarks/sim_autoscale_sweep.py, results in benchmarks/results/autoscale-20261129/sweep.json):
+# (benchmarks/sim_autoscale_sweep.py, every setting tried in benchmarks/results/autoscale-1714/sweep.json):
 # the cheapest with >= 99% SLO attainment among the settings tried. kv_target reached 99% with none
 # of 0.5, 0.3, 0.2: it keeps 0.2, its highest attainment. kvpilot runs on its shipped defaults.
 TUNED: dict[str, dict[str, float]] = {
