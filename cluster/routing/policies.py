@@ -665,7 +665,9 @@ class KVPilot(Policy):
         mine = [self._mine.get(rid, 0) for rid in ids]  # tokens this policy has in flight on each
         owed = self._owed(ids, mine, self.clock())
         uncached = self._uncached(req.prompt_tokens, cands.cached_blocks)
-        per_request = self._prefilled / self._prefills if self._prefills else 1.0  # the mean uncached prompt
+        # The mean uncached prompt routed, at least a token: requests without a prompt (handle calls) or
+        # fully cached ones add nothing to prefill, and the queue is counted in requests of this size.
+        per_request = max(1.0, self._prefilled / self._prefills) if self._prefills else 1.0
         kv_may_pass = self._kv_may_pass(req, cands)
         lw, kv, kv_high, budget, penalty = self.load_weight, self._kv, self.kv_high, req.max_tokens, self.kv_penalty_tokens
         cost = []

@@ -75,6 +75,16 @@ def test_kvpilot_leaves_a_full_batch_for_a_free_slot_elsewhere():
     assert make_policy("kvpilot", {"max_num_seqs": 4}, engine={"max_num_seqs": 8}).max_num_seqs == 4  # params win
 
 
+def test_kvpilot_ranks_after_requests_with_nothing_to_prefill():
+    """Handle calls carry no prompt and a fully cached prompt prefills nothing: the mean uncached
+    prompt routed is then 0, which once divided the queue term by zero and failed every ranking."""
+    p = make_policy("kvpilot", {"clock": lambda: 0.0})
+    for rid in ("a", "b", "a"):
+        p.on_routed(_req(tokens=0), rid)
+    assert sorted(p.rank(_req(tokens=0), [_r("a"), _r("b")])) == ["a", "b"]
+    assert p.rank(_req(tokens=512), [_r("a", cached_blocks=32), _r("b")])[0] == "a"
+
+
 def test_kvpilot_avoids_a_replica_whose_kv_cache_would_overflow():
     p = make_policy("kvpilot")
     req = _req(tokens=1000, max_tokens=1000)
