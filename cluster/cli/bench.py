@@ -69,6 +69,14 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--save-requests", action="store_true", help="include per-request records in the JSON")
     p.add_argument("--plot-dir", help="write latency CDFs and a throughput timeline (PNG) here")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    prof = p.add_argument_group("profiling for the simulator (--profile)")
+    prof.add_argument("--profile", metavar="OUT",
+                      help="instead of a load test, measure the endpoint for kvpilot simulate --profile: lone-request "
+                           "TTFT by prompt length, a cached prompt, inter-token gaps by batch; write the fitted step "
+                           "model and serving delay to OUT (JSON). About a minute on the tiny CPU model")
+    prof.add_argument("--profile-reps", type=int, default=3, help="lone requests per prompt length (default 3)")
+    prof.add_argument("--profile-max-batch", type=int, default=32,
+                      help="largest batch of concurrent streams (default 32; keep it <= the model's max_num_seqs)")
     return p
 
 
@@ -106,12 +114,7 @@ def build_from_args(ns: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
     """Flags → (BenchConfig, Workload, warm-up RequestSpecs). Raises ValueError naming a bad flag."""
     from cluster.bench.runner import BenchConfig
     from cluster.traces import SLO
-    from cluster.bench.workload import (
-        DEFAULT_TOKEN_ID_RANGE,
-        build_workload,
-        parse_token_id_range,
-        token_id_range_from_tokenizer,
-    )
+    from cluster.bench.workload import build_workload
 
     if ns.num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {ns.num_requests}")
@@ -125,13 +128,7 @@ def build_from_args(ns: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
         raise ValueError("give --rate R, --concurrency C, or --trace PATH (replayed on its own timestamps)")
     model, max_model_len = _server_model(ns)
     prompt_format = ns.prompt_format or ("text" if ns.endpoint == "chat" else "token-ids")
-    if ns.tokenizer:
-        id_range = token_id_range_from_tokenizer(ns.tokenizer)
-    elif ns.token_id_range:
-        id_range = parse_token_id_range(ns.token_id_range)
-    else:
-        id_range = DEFAULT_TOKEN_ID_RANGE
-    shape = {"max_model_len": max_model_len, "prompt_format": prompt_format, "token_id_range": id_range}
+    shape = {"max_model_len": max_model_len, "prompt_format": prompt_format, "token_id_range": _token_id_range(ns)}
     workload = build_workload(trace=ns.trace, num_requests=ns.num_requests, offset=ns.trace_offset,
                               input_len=ns.input_len, output_len=ns.output_len, scale_lengths=ns.scale_lengths,
                               block_tokens=ns.hash_block_tokens, seed=ns.seed, **shape)
@@ -162,8 +159,45 @@ def write_plots(result: Any, plot_dir: str | Path, label: str = "") -> list[Path
             plot_timeline({name: result.timeline()}, d / "throughput.png", title=name)]
 
 
+def _token_id_range(ns: argparse.Namespace) -> tuple[int, int]:
+    from cluster.bench.workload import DEFAULT_TOKEN_ID_RANGE, parse_token_id_range, token_id_range_from_tokenizer
+
+    if ns.tokenizer:
+        return token_id_range_from_tokenizer(ns.tokenizer)
+    if ns.token_id_range:
+        return parse_token_id_range(ns.token_id_range)
+    return DEFAULT_TOKEN_ID_RANGE
+
+
+def run_profile_command(ns: argparse.Namespace, console: Console) -> int:
+    """``kvpilot bench --profile OUT``: measure, fit, write, and say what was found."""
+    from cluster.bench.profile import run_profile
+
+    model, max_model_len = _server_model(ns)
+    if not max_model_len:
+        raise ValueError(f"--max-model-len: {ns.url} does not say its max_model_len; give it")
+    err = Console(stderr=True, soft_wrap=True)
+    err.print(f"profiling {model} at {ns.url} (max_model_len {max_model_len})", highlight=False, soft_wrap=True)
+    profile = run_profile(ns.url, model, max_model_len, reps=ns.profile_reps, max_batch=ns.profile_max_batch,
+                          token_id_range=_token_id_range(ns), api_key=ns.api_key,
+                          say=lambda line: err.print(f"  {line}", highlight=False))
+    out = Path(ns.profile)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(profile.to_dict(), indent=2))
+    f = profile.step.fit
+    console.print(profile.describe(), highlight=False, soft_wrap=True)
+    console.print(f"fit on {f.rows} rows: MAPE {f.mape:.1%} (prefill {f.mape_prefill:.1%}, decode "
+                  f"{f.mape_decode:.1%}), max {f.max_ape:.1%}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {out}; use it with kvpilot simulate --profile {out} --config <the deployment's config>",
+                  highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
 def run_bench(ns: argparse.Namespace, console: Console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if ns.profile:
+        return run_profile_command(ns, console)
 
     from cluster.bench.metrics import RequestRecord
     from cluster.bench.report import render

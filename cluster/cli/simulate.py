@@ -15,12 +15,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cluster.config import ClusterConfig
 from cluster.routing.policies import POLICIES
 from cluster.sim.autoscale import (AUTOSCALERS, DEFAULT_PERIOD_S, LOAD_BYTES_PER_S, TUNED, WARMUP_S, AutoscaleResult,
                                    default_startup_s, simulate_autoscale)
 from cluster.sim.metrics import PolicyResult
 from cluster.sim.perfmodel import HBM_BYTES_PER_S
-from cluster.sim.simulator import DEFAULT_MAX_MODEL_LEN, DEFAULT_STATS_PERIOD_S, Setup, make_setup, simulate
+from cluster.sim.profile import load_profile
+from cluster.sim.simulator import (DEFAULT_MAX_MODEL_LEN, DEFAULT_STATS_PERIOD_S, Setup, make_setup, profiled_setup,
+                                   simulate)
 from cluster.sim.workload import Workload, load_trace
 from cluster.traces import DEFAULT_TPOT_SLO_S, DEFAULT_TTFT_SLO_S, SLO
 
@@ -41,8 +44,9 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--replicas", type=int, default=16, help="engines behind the router (default 16)")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated; default: all")
     p.add_argument("--time-scale", type=float, default=1.0, help="divide arrival times by X (2 = twice the rate)")
-    p.add_argument("--stats-period", type=float, default=DEFAULT_STATS_PERIOD_S,
-                   help="seconds between engine stats reports to the router (Ray Serve's default is 10; 0 = fresh)")
+    p.add_argument("--stats-period", type=float,
+                   help="seconds between engine stats reports to the router (Ray Serve's default is 10; 0 = fresh; "
+                        f"default {DEFAULT_STATS_PERIOD_S:g}, with --profile the config's routing.stats_period_s)")
     p.add_argument("--max-requests", type=int, help="replay only the first M requests")
     p.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN,
                    help=f"clip longer requests (default {DEFAULT_MAX_MODEL_LEN})")
@@ -55,6 +59,12 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--tpot-slo", type=float, default=DEFAULT_TPOT_SLO_S, help="seconds (goodput)")
     p.add_argument("--set", action="append", default=[], metavar="POLICY.PARAM=VALUE",
                    help="a policy parameter, e.g. kvpilot.kv_high=0.85 (repeatable)")
+    p.add_argument("--profile", type=Path,
+                   help="simulate a deployed model as measured: a file from kvpilot bench --profile (its step "
+                        "model and per-request serving delay); needs --config")
+    p.add_argument("--config", type=Path, help="with --profile: the Serve config of the deployment (its model's "
+                                               "KV cache, batch limits and routing, as planned)")
+    p.add_argument("--model", help="with --profile: the model in --config (default: the profile's model)")
     p.add_argument("--json", action="store_true", help="print results as JSON (no table, no plot unless --plot)")
     p.add_argument("--plot", help="PNG path (default without --json: sim-<trace>.png)")
     a = p.add_argument_group("autoscaling (--autoscale)")
@@ -94,6 +104,34 @@ def _policy_params(items: list[str], policies: list[str], flag: str = "--policie
     return out
 
 
+def _setup(ns: argparse.Namespace, replicas: int) -> Setup:
+    """The simulated replica: the default 70B AWQ one (``--gpu``, ``--tp``), or a deployed model as profiled."""
+    slo = SLO(ns.ttft_slo, ns.tpot_slo)
+    if ns.profile is None:
+        for flag in ("config", "model"):
+            if getattr(ns, flag) is not None:
+                raise ValueError(f"--{flag}: {getattr(ns, flag)} applies only with --profile")
+        period = DEFAULT_STATS_PERIOD_S if ns.stats_period is None else ns.stats_period
+        return make_setup(replicas, max_model_len=ns.max_model_len, accelerator=ns.gpu, tensor_parallel_size=ns.tp,
+                          stats_period_s=period, seed=ns.seed, slo=slo)
+    if ns.config is None:
+        raise ValueError(f"--profile: {ns.profile} needs --config, the Serve config of the deployment it measured "
+                         "(its KV cache and batch limits)")
+    for flag, default in (("gpu", "H100-80GB"), ("tp", 2), ("max_model_len", DEFAULT_MAX_MODEL_LEN)):
+        if getattr(ns, flag) != default:
+            raise ValueError(f"--{flag.replace('_', '-')}: {getattr(ns, flag)} does not apply with --profile "
+                             f"(the model in --config is simulated as configured)")
+    profile = load_profile(ns.profile)
+    cluster_cfg = ClusterConfig.from_serve_yaml(ns.config)
+    name = ns.model or profile.model
+    try:
+        cfg = cluster_cfg.model(name)
+    except KeyError:
+        raise ValueError(f"--model: {name!r} is not a model of {ns.config} "
+                         f"({', '.join(m.name for m in cluster_cfg.models)})") from None
+    return profiled_setup(cfg, profile, replicas, stats_period_s=ns.stats_period, seed=ns.seed, slo=slo)
+
+
 def run_simulate(ns: argparse.Namespace, console: Console) -> int:
     if ns.autoscale:
         return run_autoscale(ns, console)
@@ -104,10 +142,9 @@ def run_simulate(ns: argparse.Namespace, console: Console) -> int:
     if ns.max_requests is not None and ns.max_requests < 1:
         raise ValueError(f"--max-requests: {ns.max_requests} must be >= 1")
     params = _policy_params(ns.set, policies)
-    setup = make_setup(ns.replicas, max_model_len=ns.max_model_len, accelerator=ns.gpu, tensor_parallel_size=ns.tp,
-                       stats_period_s=ns.stats_period, seed=ns.seed, slo=SLO(ns.ttft_slo, ns.tpot_slo))
+    setup = _setup(ns, ns.replicas)
     workload = load_trace(ns.trace, time_scale=ns.time_scale, max_requests=ns.max_requests,
-                          max_model_len=ns.max_model_len, rate=ns.rate, cv=ns.cv, seed=ns.seed)
+                          max_model_len=setup.max_model_len, rate=ns.rate, cv=ns.cv, seed=ns.seed)
     if not workload.requests:
         raise ValueError(f"--trace: {ns.trace} holds no requests")
     results = _run_all(workload, policies, setup, params)
@@ -146,7 +183,8 @@ def report(results: list[PolicyResult], workload: Workload, setup: Setup, plot: 
             "coefficients_ms": {k: round(getattr(step, k), 9) for k in
                                 ("c0_decode", "c0_prefill", "c_prefill", "c_attn", "c_decode", "c_kv")},
             "fit": {k: round(v, 6) if isinstance(v, float) else v for k, v in step.fit.__dict__.items()},
-            "fitted_on": f"{step.hardware} TP={step.tp} fp16 rows of splitwise_sim_perf_model.csv",
+            "fitted_on": (f"a profile of {setup.model.name} (kvpilot bench --profile)" if step.hardware == "measured"
+                          else f"{step.hardware} TP={step.tp} fp16 rows of splitwise_sim_perf_model.csv"),
             "assumptions": step.assumptions,
         },
         "trace": workload.summary(),
@@ -184,7 +222,7 @@ def render(results: list[PolicyResult], workload: Workload, setup: Setup, consol
     console.print(f"  SLO: TTFT ≤ {setup.slo.ttft_s:g} s and TPOT ≤ {setup.slo.tpot_s:g} s; latencies in seconds",
                   highlight=False)
     console.print(f"  perf model: {setup.step.describe()}", highlight=False)
-    console.print(f"  perf model fit on {f.rows} table rows: MAPE {f.mape:.1%} (prefill {f.mape_prefill:.1%}, "
+    console.print(f"  perf model fit on {f.rows} rows: MAPE {f.mape:.1%} (prefill {f.mape_prefill:.1%}, "
                   f"decode {f.mape_decode:.1%}), max {f.max_ape:.0%}, R² {f.r2:.4f}", highlight=False)
     for a in setup.step.assumptions + setup.notes + w["notes"]:
         console.print(f"  assumes: {a}", highlight=False)
@@ -238,12 +276,10 @@ def run_autoscale(ns: argparse.Namespace, console: Console) -> int:
     if ns.startup_s is not None and ns.startup_s < 0:
         raise ValueError(f"--startup-s: {ns.startup_s} must be >= 0")
     params = _policy_params(ns.set, names, "--autoscalers")
-    setup = make_setup(max(1, ns.max_replicas), max_model_len=ns.max_model_len, accelerator=ns.gpu,
-                       tensor_parallel_size=ns.tp, stats_period_s=ns.stats_period, seed=ns.seed,
-                       slo=SLO(ns.ttft_slo, ns.tpot_slo))
+    setup = _setup(ns, max(1, ns.max_replicas))
     startup = default_startup_s(setup) if ns.startup_s is None else ns.startup_s
     workload = load_trace(ns.trace, time_scale=ns.time_scale, max_requests=ns.max_requests,
-                          max_model_len=ns.max_model_len, rate=ns.rate, cv=ns.cv, seed=ns.seed)
+                          max_model_len=setup.max_model_len, rate=ns.rate, cv=ns.cv, seed=ns.seed)
     if not workload.requests:
         raise ValueError(f"--trace: {ns.trace} holds no requests")
     err = Console(stderr=True)

@@ -17,7 +17,9 @@ that replica and its ``on_finished`` when the request ends, as the live router d
 
 ``SimCluster.run`` advances time event by event. Each event has a named handler:
 
-* an arrival (``_on_arrival``): route the request and submit it to its replica;
+* an arrival (``_on_arrival``): route the request and submit it to its replica, ``serving_delay_s``
+  after the client sent it (the serving path's per-request delay, from a measured profile:
+  ``cluster.sim.profile``; 0 by default, when the simulator models the engine alone);
 * a step end (``_on_step_end``): the engine's finished requests go back to the router;
   the next step is scheduled; a draining replica with nothing left stops;
 * a stats report (``_on_stats_report``): a replica's engine stats (and adapters, with
@@ -123,8 +125,9 @@ class SimCluster:
     def run(self, trace: list[TraceRequest], progress: Callable[[int], None] | None = None) -> None:
         """Replay ``trace`` (sorted by arrival) until every request has finished."""
         total, arrived, never = len(trace), 0, float("inf")
+        delay = self.setup.serving_delay_s  # the serving path: the router sees a request this much after its client sent it
         while arrived < total or self.outstanding:
-            next_arrival_s = trace[arrived].arrival_s if arrived < total else never
+            next_arrival_s = trace[arrived].arrival_s + delay if arrived < total else never
             if self.events and self.events[0][0] <= next_arrival_s:
                 self._on_event(*heapq.heappop(self.events))
                 continue
@@ -152,7 +155,8 @@ class SimCluster:
     # --- handlers -----------------------------------------------------------
 
     def _on_arrival(self, trace_request: TraceRequest) -> None:
-        self.now = self.router_clock_s = trace_request.arrival_s
+        # The request's own arrival stays the client's (its TTFT and latency count the serving path).
+        self.now = self.router_clock_s = trace_request.arrival_s + self.setup.serving_delay_s
         hashes = trace_request.block_hashes()  # once per request, outside the timed decision
         started = time.perf_counter()
         usage, running, waiting = self._engine_columns()
@@ -163,7 +167,7 @@ class SimCluster:
         self.requests.append(request)
         self.outstanding += 1
         slot = self.by_name[choice]
-        if slot.engine.submit(request, trace_request.arrival_s):
+        if slot.engine.submit(request, self.now):
             self._schedule_step_end(slot)
 
     def _engine_columns(self) -> tuple:

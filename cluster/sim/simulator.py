@@ -20,6 +20,7 @@ from cluster.sim.engine import Replica, SimRequest
 from cluster.sim.lora import LoraSpec
 from cluster.sim.metrics import PolicyResult, summarize
 from cluster.sim.perfmodel import StepModel, step_model_for
+from cluster.sim.profile import ServingProfile
 from cluster.sim.workload import Workload
 from cluster.traces import SLO
 
@@ -51,6 +52,7 @@ class Setup:
     slo: SLO = field(default_factory=SLO)
     notes: list[str] = field(default_factory=list)
     lora: LoraSpec | None = None  # LoRA on (requests may name adapters; cluster.sim.lora); None: off
+    serving_delay_s: float = 0.0  # per request, outside the engine (cluster.sim.profile); 0: the engine alone
 
     @property
     def num_blocks(self) -> int:
@@ -72,6 +74,7 @@ class Setup:
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "max_num_seqs": self.max_num_seqs,
             "stats_period_s": self.stats_period_s,
+            "serving_delay_s": self.serving_delay_s,
             "seed": self.seed,
             "slo": {"ttft_s": self.slo.ttft_s, "tpot_s": self.slo.tpot_s},
             "notes": self.notes,
@@ -112,6 +115,24 @@ def make_setup(replicas: int = 16, *, max_model_len: int = DEFAULT_MAX_MODEL_LEN
     return Setup(model=cfg, plan=plan, step=step_model_for(cfg), replicas=replicas, max_model_len=max_model_len,
                  max_num_batched_tokens=batched, max_num_seqs=cfg.max_num_seqs, stats_period_s=stats_period_s,
                  seed=seed, slo=slo or SLO(), notes=notes)
+
+
+def profiled_setup(cfg: ModelConfig, profile: ServingProfile, replicas: int, *, stats_period_s: float | None = None,
+                   seed: int = 0, slo: SLO | None = None) -> Setup:
+    """A deployed model, as measured: ``cfg``'s plan (KV blocks, batch limits) with ``profile``'s step
+    model and serving delay (``kvpilot bench --profile``, ``cluster.sim.profile``)."""
+    if replicas < 1:
+        raise ValueError(f"--replicas: {replicas} must be >= 1")
+    plan = plan_model(cfg)
+    if not plan.fits:
+        raise ValueError(f"{cfg.name}: the planner says it does not fit its {cfg.accelerator} (kvpilot plan says why)")
+    batched = _batched_tokens(cfg, get_accelerator(cfg.accelerator))
+    notes = [f"step model and serving delay ({profile.serving_delay_s * 1e3:.1f} ms per request) measured on "
+             f"{profile.url} at {profile.measured_at}"]
+    period = cfg.routing.stats_period_s if stats_period_s is None else stats_period_s
+    return Setup(model=cfg, plan=plan, step=profile.step, replicas=replicas, max_model_len=cfg.effective_max_model_len(),
+                 max_num_batched_tokens=int(batched), max_num_seqs=cfg.max_num_seqs, stats_period_s=period, seed=seed,
+                 slo=slo or SLO(), notes=notes, serving_delay_s=profile.serving_delay_s)
 
 
 def simulate(workload: Workload, policy_name: str, setup: Setup, *, policy_params: dict | None = None,
