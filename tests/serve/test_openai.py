@@ -189,6 +189,43 @@ def _wait_for(predicate, timeout_s: float = 60.0) -> bool:
     return False
 
 
+def test_a_profile_of_the_live_model_drives_the_simulator(base_url, tmp_path, capsys):
+    """``kvpilot bench --profile`` through the whole stack, then ``kvpilot simulate`` with that file and
+    the deployment's own config: the path a user takes to calibrate the simulator on their cluster."""
+    import argparse
+
+    from rich.console import Console
+
+    from cluster.cli.bench import add_bench_parser, run_bench
+    from cluster.cli.simulate import add_simulate_parser, run_simulate
+    from cluster.sim.profile import load_profile
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    add_bench_parser(sub)
+    add_simulate_parser(sub)
+    out = tmp_path / "profile.json"
+    assert run_bench(parser.parse_args(["bench", "--url", base_url, "--model", FP16, "--profile", str(out),
+                                        "--profile-reps", "2", "--profile-max-batch", "8"]), Console()) == 0
+    prof = load_profile(out)
+    # max_model_len 2048: prompts up to 1,025 tokens (2,049 + 1 does not fit), 1,025 sent again from the cache
+    assert [s.prompt_tokens for s in prof.prefill] == [17, 65, 129, 257, 385, 513, 769, 1025]
+    assert prof.cached.prompt_tokens == 1025 and sorted({d.batch for d in prof.decode}) == [1, 2, 4, 8]
+    # A cached prompt runs one token through the engine, as a decode step does; what it takes beyond that
+    # is the serving path (HTTP, proxy, ingress, router).
+    assert prof.serving_delay_s > 0
+    capsys.readouterr()
+    trace = tmp_path / "lengths.csv"
+    trace.write_text("num_prefill_tokens,num_decode_tokens\n" + "".join(f"{50 + 7 * i},{20 + i}\n" for i in range(60)))
+    assert run_simulate(parser.parse_args(["simulate", "--trace", str(trace), "--rate", "4", "--replicas", "1",
+                                           "--policies", "kvpilot", "--profile", str(out), "--config",
+                                           str(ROOT / "configs/local-cpu-multi.yaml"), "--model", FP16, "--json"]),
+                        Console()) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["setup"]["serving_delay_s"] == pytest.approx(prof.serving_delay_s)
+    assert result["policies"]["kvpilot"]["completed"] == 60
+
+
 def test_client_disconnect_frees_the_engine_slot(base_url):
     max_tokens = 1900
     generated_before = replica_stats(FP16)["generation_tokens"]
