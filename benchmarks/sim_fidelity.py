@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -236,8 +237,16 @@ def simulate_slice(wl, time_scale: float, setup):
     return out, per_req, setup.to_dict()
 
 
+COUNTERS = ("kvpilot_engine_preemptions_total", "kvpilot_engine_generation_tokens_total")
+
+
 def engine_counters() -> dict[str, float]:
-    """kvpilot's engine counters summed over the replicas, from Ray's metrics endpoint (this driver's node)."""
+    """kvpilot's engine counters summed over the replicas, from Ray's metrics endpoint (this driver's node).
+
+    Ray exports application metrics with a ``ray_`` prefix, and a counter only once it was
+    incremented: an absent preemption counter is 0; the generation-token counter must be there
+    once anything was generated (else this reads the wrong endpoint or names).
+    """
     import urllib.request
 
     import ray
@@ -245,11 +254,11 @@ def engine_counters() -> dict[str, float]:
     port = ray._private.worker._global_node.metrics_export_port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    out: dict[str, float] = {}
+    out = dict.fromkeys(COUNTERS, 0.0)
     for line in text.splitlines():
-        for name in ("kvpilot_engine_preemptions_total", "kvpilot_engine_generation_tokens_total"):
-            if line.startswith(name + "{"):
-                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        for name in COUNTERS:
+            if line.startswith(f"ray_{name}{{"):
+                out[name] += float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -271,6 +280,10 @@ def run_real(url: str, wl, time_scale: float, warmup: list | None) -> tuple[dict
     res = run_benchmark(cfg, wl)
     time.sleep(METRICS_SETTLE_S)
     after = engine_counters()
+    generated = after["kvpilot_engine_generation_tokens_total"] - before["kvpilot_engine_generation_tokens_total"]
+    if generated <= 0:
+        raise RuntimeError(f"Ray's metrics endpoint shows no generated tokens after the replay ({before} -> {after}): "
+                           "the engine counters are not being read")
     done = [r for r in res.records if r.ok]
     out = summarize([r.ttft_s for r in done], [t for r in done if (t := r.tpot_s) is not None],
                     [r.latency_s for r in done], sum(r.output_tokens or 0 for r in done), run_duration(res.records),
@@ -278,8 +291,8 @@ def run_real(url: str, wl, time_scale: float, warmup: list | None) -> tuple[dict
     out.update(failed=len(res.records) - len(done), errors=res.summary["errors"],
                output_len_mismatches=res.summary["output_len_mismatches"],
                itl_p50_s=(res.summary["itl_ms"]["p50"] or 0) / 1e3, environment=res.environment,
-               preemptions=round(after.get("kvpilot_engine_preemptions_total", 0.0)
-                                 - before.get("kvpilot_engine_preemptions_total", 0.0)))
+               preemptions=round(after["kvpilot_engine_preemptions_total"] - before["kvpilot_engine_preemptions_total"]),
+               engine_generation_tokens=round(generated))
     return out, {r.index: r.ttft_s for r in done}, res.summary
 
 
@@ -429,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 t = time.monotonic()
                 profile = run_profile(stack.url, MODEL, ns.max_model_len, reps=ns.calib_reps,
-                                      max_batch=ns.max_num_seqs, token_id_range=TOKEN_RANGE,
+                                      max_batch=ns.max_num_seqs, replicas=ns.replicas,
+                                      kv_tokens=setup_d["kv_tokens_per_replica"], token_id_range=TOKEN_RANGE,
                                       say=lambda line: print(f"profile: {line}", flush=True))
                 print(f"profiled in {time.monotonic() - t:.0f} s: {profile.describe()}", flush=True)
                 extra["profile"] = profile.to_dict()
@@ -453,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                 dump()
         except Exception as e:  # keep what was measured; the stack is stopped below
             error = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
             print(f"real run failed: {error}", flush=True)
         finally:
             stack.stop()

@@ -6,14 +6,17 @@ The measurements and how they become a step model and a per-request serving dela
 prompt is in the prefix cache before it is meant to be:
 
 1. prefill: ``reps`` lone requests (one at a time) of each prompt length, one output token;
-2. cached: the longest prefill shape whose length is a power of two plus one, sent again: the
-   cache holds its whole power-of-two head, whatever the engine's block size up to that, and the
-   engine computes one token;
-3. decode: ``B`` concurrent streams of ``DECODE_OUTPUT`` tokens for each batch size and each of
-   two prompt lengths; the median gap between chunks.
+2. cached: the longest prefill shape whose length is a power of two plus one, sent again at once
+   (before longer prompts can evict it): the cache holds its whole power-of-two head, whatever the
+   engine's block size up to that, and the engine computes one token;
+3. decode: ``B`` × ``replicas`` concurrent streams of ``DECODE_OUTPUT`` tokens (the router
+   spreads them, about ``B`` per replica) for each batch size and each of two prompt lengths;
+   the median time per output token after the first. Batches whose sequences would not fit
+   ``kv_tokens`` (one replica's KV cache) are skipped: the engine would queue or preempt them.
 
-Run it on an idle deployment with one replica per model (or send it to one replica): what
-else the engine runs lands in the measurements. It takes about a minute on the tiny CPU model.
+Run it on an idle deployment: what else the engines run lands in the measurements. Lone
+requests measure one replica whichever the router picks; on a CPU host the replicas share
+cores, so an idle one still slows a busy one. It takes about a minute on the tiny CPU model.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def _is_power_of_two_plus_one(n: int) -> bool:
 
 
 def run_profile(base_url: str, model: str, max_model_len: int, *, reps: int = 3, max_batch: int = 32,
+                replicas: int = 1, kv_tokens: int | None = None,
                 token_id_range: tuple[int, int] = DEFAULT_TOKEN_ID_RANGE, api_key: str | None = None,
                 say: Callable[[str], None] = lambda _: None) -> ServingProfile:
     """Measure ``model`` at ``base_url`` and fit its profile; ``say`` gets one line per shape."""
@@ -47,6 +51,8 @@ def run_profile(base_url: str, model: str, max_model_len: int, *, reps: int = 3,
         raise ValueError(f"--profile-reps: {reps} must be >= 1")
     if max_batch < 1:
         raise ValueError(f"--profile-max-batch: {max_batch} must be >= 1")
+    if replicas < 1:
+        raise ValueError(f"--profile-replicas: {replicas} must be >= 1")
     seeds = iter(range(SEED_BASE, SEED_BASE + 10_000))
 
     def shape(n: int, prompt: int, output: int) -> Workload:
@@ -68,30 +74,30 @@ def run_profile(base_url: str, model: str, max_model_len: int, *, reps: int = 3,
 
     measured_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     measure(shape(2, 64, 8), 1)  # warm-up: the first requests of a shape pay allocation
-    prefill, cached, cached_workload = [], None, None
-    for p in PREFILL_LENGTHS:
-        if p + 1 > max_model_len:
-            continue
+    lengths = [p for p in PREFILL_LENGTHS if p + 1 <= max_model_len]
+    cached_len = max((p for p in lengths if _is_power_of_two_plus_one(p)), default=None)
+    if cached_len is None:
+        raise ValueError(f"--profile: max_model_len {max_model_len} leaves no prompt length of 2^k + 1 "
+                         f"among {PREFILL_LENGTHS} to measure a cached prompt")
+    prefill, cached = [], None
+    for p in lengths:
         wl = shape(reps, p, 1)
         prefill.append(PrefillSample(p, ttft_ms(measure(wl, 1))))
         say(f"prefill {p:5d} tokens: TTFT {prefill[-1].ttft_ms:.1f} ms")
-        if _is_power_of_two_plus_one(p):
-            cached_workload = wl
-    if cached_workload is not None:
-        p = cached_workload.requests[0].input_len
-        cached = PrefillSample(p, ttft_ms(measure(cached_workload, 1)))
-        say(f"cached {p:5d} tokens (all but one): TTFT {cached.ttft_ms:.1f} ms")
+        if p == cached_len:  # again at once, before longer prompts can evict it from a small cache
+            cached = PrefillSample(p, ttft_ms(measure(wl, 1)))
+            say(f"cached {p:5d} tokens (all but one): TTFT {cached.ttft_ms:.1f} ms")
     decode = []
     for length in DECODE_PROMPTS:
         if length + DECODE_OUTPUT > max_model_len:
             continue
         for b in DECODE_BATCHES:
-            if b > max_batch:
-                continue
-            gaps = [g for r in measure(shape(b, length, DECODE_OUTPUT), b) for g in r.itl_s]
-            decode.append(DecodeSample(b, length + DECODE_OUTPUT // 2, statistics.median(gaps) * 1e3))
-            say(f"decode batch {b:2d} at context {length + DECODE_OUTPUT // 2}: ITL p50 {decode[-1].itl_ms:.2f} ms")
-    if cached is None:
-        raise ValueError(f"--profile: max_model_len {max_model_len} leaves no prompt length of 2^k + 1 "
-                         f"among {PREFILL_LENGTHS} to measure a cached prompt")
+            if b > max_batch or (kv_tokens is not None and b * (length + DECODE_OUTPUT) > kv_tokens):
+                continue  # more than the engine runs at once: it would queue or preempt, not step
+            # Per request (latency - TTFT) / (tokens - 1): a stream may carry several tokens in one
+            # chunk when the client reads late, so single gaps are not steps, their sum is.
+            n = b * replicas  # the router spreads concurrent streams: about b on each replica
+            tpots = [r.tpot_s for r in measure(shape(n, length, DECODE_OUTPUT), n)]
+            decode.append(DecodeSample(b, length + DECODE_OUTPUT // 2, statistics.median(tpots) * 1e3))
+            say(f"decode batch {b:2d} at context {length + DECODE_OUTPUT // 2}: TPOT p50 {decode[-1].itl_ms:.2f} ms")
     return fit_profile(model, base_url, measured_at, prefill, cached, decode)

@@ -76,7 +76,13 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                            "model and serving delay to OUT (JSON). About a minute on the tiny CPU model")
     prof.add_argument("--profile-reps", type=int, default=3, help="lone requests per prompt length (default 3)")
     prof.add_argument("--profile-max-batch", type=int, default=32,
-                      help="largest batch of concurrent streams (default 32; keep it <= the model's max_num_seqs)")
+                      help="largest batch of concurrent streams per replica (default 32; keep it <= the model's "
+                           "max_num_seqs)")
+    prof.add_argument("--profile-kv-tokens", type=int,
+                      help="KV cache tokens of one replica (kvpilot plan prints them): decode batches that would "
+                           "not fit are skipped")
+    prof.add_argument("--profile-replicas", type=int, default=1,
+                      help="replicas serving the model: decode batches send this many times the streams (default 1)")
     return p
 
 
@@ -179,7 +185,7 @@ def run_profile_command(ns: argparse.Namespace, console: Console) -> int:
     err = Console(stderr=True, soft_wrap=True)
     err.print(f"profiling {model} at {ns.url} (max_model_len {max_model_len})", highlight=False, soft_wrap=True)
     profile = run_profile(ns.url, model, max_model_len, reps=ns.profile_reps, max_batch=ns.profile_max_batch,
-                          token_id_range=_token_id_range(ns), api_key=ns.api_key,
+                          replicas=ns.profile_replicas, kv_tokens=ns.profile_kv_tokens, token_id_range=_token_id_range(ns), api_key=ns.api_key,
                           say=lambda line: err.print(f"  {line}", highlight=False))
     out = Path(ns.profile)
     out.parent.mkdir(parents=True, exist_ok=True)

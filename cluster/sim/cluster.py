@@ -269,7 +269,7 @@ def injected_params(name: str, params: dict | None, setup: Setup, clock: Callabl
     """Parameters the simulator supplies to a policy that asks for them in its constructor.
 
     ``clock``: the simulated time (a live router passes ``time.monotonic``);
-    ``prefill_tokens_per_s``: the replica's prefill speed from the step model;
+    ``prefill_tokens_per_s``: the replica's prefill speed from the step model (``StepModel.prefill_tokens_per_s``);
     ``max_loras``: the replicas' adapter slots, with LoRA on (a live router reads the model's
     ``lora.max_loras``). Values the caller gave win.
     """
@@ -278,7 +278,7 @@ def injected_params(name: str, params: dict | None, setup: Setup, clock: Callabl
     if "clock" in accepted:
         out.setdefault("clock", clock)
     if "prefill_tokens_per_s" in accepted:
-        out.setdefault("prefill_tokens_per_s", 1e3 / setup.step.c_prefill)
+        out.setdefault("prefill_tokens_per_s", setup.step.prefill_tokens_per_s())
     if "max_loras" in accepted and setup.lora is not None:
         out.setdefault("max_loras", setup.lora.max_loras)
     return out

@@ -96,6 +96,14 @@ class StepModel:
         return (c0 + self.c_prefill * prefill_tokens + self.c_attn * attn_pairs
                 + self.c_decode * decode_seqs + self.c_kv * decode_ctx)
 
+    def prefill_tokens_per_s(self, chunk_tokens: int = 512) -> float:
+        """Prefill speed: the linear layers' rate, ``1 / c_prefill``; a measured fit that puts prefill
+        in attention or the intercept alone (``c_prefill`` 0) gets the rate of a ``chunk_tokens`` chunk."""
+        if self.c_prefill > 0:
+            return 1e3 / self.c_prefill
+        ms = self.step_ms(chunk_tokens, chunk_tokens * chunk_tokens / 2, 0, 0)
+        return chunk_tokens * 1e3 / ms if ms > 0 else float("inf")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

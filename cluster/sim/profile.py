@@ -12,15 +12,15 @@ cache and batch limits, planned as the deployment plans them). Three kinds of me
     The same prompts sent again: the prefix cache holds all of each prompt but its last token,
     so the engine runs one token through the model, as in a decode step of one sequence.
 ``decode``
-    The median inter-token gap of ``B`` concurrent streams of ``L`` prompt tokens: one decode
-    step of ``B`` sequences at context about ``L`` + half the output.
+    The median time per output token after the first of ``B`` concurrent streams of ``L``
+    prompt tokens: one decode step of ``B`` sequences at context about ``L`` + half the output.
 
 The serving path (HTTP, Serve's proxy, the ingress's checks and tokenization, the router, the
 replica's hand-over to the engine, the first chunk's way back) is a per-request delay outside
 the engine: ``serving_delay_s`` = cached TTFT − the decode step of one sequence at the same
 context, both one token through the model. The engine's prefill steps are then
-``TTFT(P) − serving_delay_s``, and the decode steps are the measured gaps, which carry the serving
-path's per-token work (detokenizing, one SSE event per token; on a CPU replica it shares the
+``TTFT(P) − serving_delay_s``, and the decode steps are the measured times per token, which carry
+the serving path's per-token work (detokenizing, one SSE event per token; on a CPU replica it shares the
 cores with the engine). ``cluster.sim.perfmodel.fit_rows`` fits the step model to both.
 The simulator adds ``serving_delay_s`` to every request's time to first token and end-to-end
 latency; the engine does not wait for it.
@@ -49,7 +49,7 @@ class PrefillSample:
 class DecodeSample:
     batch: int
     context_tokens: int  # per sequence, mean over the measured steps
-    itl_ms: float  # median inter-token gap
+    itl_ms: float  # one decode step: the median time per output token after the first
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ def fit_profile(model: str, url: str, measured_at: str, prefill: list[PrefillSam
              f"one cached) - decode step of one sequence {step_one.itl_ms:.2f} ms (context "
              f"{step_one.context_tokens}) = {delay_ms:.2f} ms per request, outside the engine",
              "prefill rows: TTFT of a lone request minus the serving delay",
-             "decode rows: median inter-token gap of B concurrent streams (carries the per-token serving work)"]
+             "decode rows: median time per output token of B concurrent streams (carries the per-token serving "
+             "work)"]
     rows = [MeasuredStep(s.prompt_tokens, s.prompt_tokens * s.prompt_tokens / 2, 0, 0,
                          max(1e-3, s.ttft_ms - delay_ms)) for s in prefill]
     rows += [MeasuredStep(0, 0.0, d.batch, d.batch * d.context_tokens, d.itl_ms) for d in decode]

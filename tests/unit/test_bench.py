@@ -394,14 +394,15 @@ def test_profile_measures_each_shape_and_writes_a_file_the_simulator_reads(fake_
     add_bench_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "profile.json"
     ns = parser.parse_args(["bench", "--url", fake_server, "--profile", str(out), "--profile-reps", "1",
-                            "--profile-max-batch", "2", "--no-progress"])
+                            "--profile-max-batch", "4", "--profile-kv-tokens", "200", "--no-progress"])
     assert run_bench(ns, Console()) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     prof = load_profile(out)
     assert prof.model == "fake" and prof.url == fake_server
     # max_model_len 256 (from /v1/models): prompts of 17, 65 and 129 tokens; 129 = 2^7 + 1 is sent again, cached
     assert [s.prompt_tokens for s in prof.prefill] == [17, 65, 129] and prof.cached.prompt_tokens == 129
-    assert [(d.batch, d.context_tokens) for d in prof.decode] == [(1, 64), (2, 64)]  # 512 + 64 > 256
+    # 512 + 64 > 256; 4 streams of 32 + 64 tokens would not fit 200 KV tokens
+    assert [(d.batch, d.context_tokens) for d in prof.decode] == [(1, 64), (2, 64)]
     # The fake server answers TTFT_S after a request whatever its prompt: nothing is faster than that.
     assert min(s.ttft_ms for s in [*prof.prefill, prof.cached]) >= TTFT_S * 1e3
     assert prof.serving_delay_s == pytest.approx(max(0.0, prof.cached.ttft_ms - prof.decode[0].itl_ms) / 1e3)

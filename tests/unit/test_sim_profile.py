@@ -142,3 +142,15 @@ def test_a_profile_survives_its_file(tmp_path: Path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps(prof.to_dict()))
     assert load_profile(path) == prof
+
+
+def test_a_fit_with_no_per_token_prefill_cost_still_routes():
+    """Least squares may put a measured prefill into attention alone (c_prefill 0, as a CPU stack's
+    noisy TTFTs did): the kvpilot policy's prefill speed then comes from a 512-token chunk."""
+    prof = _profile()
+    step = replace(prof.step, c_prefill=0.0, c0_prefill=0.0, c_attn=1.1e-4)
+    assert step.prefill_tokens_per_s() == pytest.approx(512e3 / (1.1e-4 * 512 * 512 / 2))
+    setup = profiled_setup(_cfg(), replace(prof, step=step), replicas=2)
+    reqs = [TraceRequest(i * 0.05, 300, 10, i) for i in range(20)]
+    res, _, _ = simulate(Workload("w", reqs, "test"), "kvpilot", setup)
+    assert res.completed == 20
