@@ -154,3 +154,17 @@ def test_a_fit_with_no_per_token_prefill_cost_still_routes():
     reqs = [TraceRequest(i * 0.05, 300, 10, i) for i in range(20)]
     res, _, _ = simulate(Workload("w", reqs, "test"), "kvpilot", setup)
     assert res.completed == 20
+
+
+def test_autoscale_runs_on_a_profile_too(tmp_path: Path, capsys):
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(_profile().to_dict()))
+    trace = tmp_path / "lengths.csv"
+    trace.write_text("num_prefill_tokens,num_decode_tokens\n" + "".join(f"{100 + i},{10 + i}\n" for i in range(80)))
+    assert _run_cli(["--trace", str(trace), "--rate", "4", "--autoscale", "--autoscalers", "kvpilot",
+                     "--min-replicas", "1", "--max-replicas", "3", "--initial-replicas", "1", "--profile", str(path),
+                     "--config", str(CONFIG), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["setup"]["serving_delay_s"] == pytest.approx(0.03)
+    (result,) = out["autoscalers"].values()
+    assert result["completed"] == 80
