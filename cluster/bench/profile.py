@@ -16,7 +16,7 @@ prompt is in the prefix cache before it is meant to be:
 
 Run it on an idle deployment: what else the engines run lands in the measurements. Lone
 requests measure one replica whichever the router picks; on a CPU host the replicas share
-cores, so an idle one still slows a busy one. It takes about a minute on the tiny CPU model.
+cores, so an idle one still slows a busy one. It takes 5–25 s on the tiny CPU model.
 """
 
 from __future__ import annotations

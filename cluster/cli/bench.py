@@ -69,11 +69,17 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--save-requests", action="store_true", help="include per-request records in the JSON")
     p.add_argument("--plot-dir", help="write latency CDFs and a throughput timeline (PNG) here")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    _add_profile_args(p)
+    return p
+
+
+def _add_profile_args(p: argparse.ArgumentParser) -> None:
+    """``--profile``: measure the endpoint for ``kvpilot simulate --profile`` instead of a load test."""
     prof = p.add_argument_group("profiling for the simulator (--profile)")
     prof.add_argument("--profile", metavar="OUT",
                       help="instead of a load test, measure the endpoint for kvpilot simulate --profile: lone-request "
-                           "TTFT by prompt length, a cached prompt, inter-token gaps by batch; write the fitted step "
-                           "model and serving delay to OUT (JSON). About a minute on the tiny CPU model")
+                           "TTFT by prompt length, a cached prompt, time per output token by batch; write the fitted step "
+                           "model and serving delay to OUT (JSON). Seconds to a minute: 5-25 s on the tiny CPU model")
     prof.add_argument("--profile-reps", type=int, default=3, help="lone requests per prompt length (default 3)")
     prof.add_argument("--profile-max-batch", type=int, default=32,
                       help="largest batch of concurrent streams per replica (default 32; keep it <= the model's "
@@ -83,7 +89,6 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                            "not fit are skipped")
     prof.add_argument("--profile-replicas", type=int, default=1,
                       help="replicas serving the model: decode batches send this many times the streams (default 1)")
-    return p
 
 
 def _percentiles(text: str) -> tuple[float, ...]:
