@@ -291,7 +291,8 @@ def run_real(url: str, wl, time_scale: float, warmup: list | None) -> tuple[dict
     out.update(failed=len(res.records) - len(done), errors=res.summary["errors"],
                output_len_mismatches=res.summary["output_len_mismatches"],
                itl_p50_s=(res.summary["itl_ms"]["p50"] or 0) / 1e3, environment=res.environment,
-               preemptions=round(after["kvpilot_engine_preemptions_total"] - before["kvpilot_engine_preemptions_total"]),
+               preemptions=round(after["kvpilot_engine_preemptions_total"]
+                                 - before["kvpilot_engine_preemptions_total"]),
                engine_generation_tokens=round(generated))
     return out, {r.index: r.ttft_s for r in done}, res.summary
 

@@ -78,8 +78,8 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     prof = p.add_argument_group("profiling for the simulator (--profile)")
     prof.add_argument("--profile", metavar="OUT",
                       help="instead of a load test, measure the endpoint for kvpilot simulate --profile: lone-request "
-                           "TTFT by prompt length, a cached prompt, time per output token by batch; write the fitted step "
-                           "model and serving delay to OUT (JSON). Seconds to a minute: 5-25 s on the tiny CPU model")
+                           "TTFT by prompt length, a cached prompt, time per output token by batch; write the "
+                           "fitted step model and serving delay to OUT (JSON). 5-25 s on the tiny CPU model")
     prof.add_argument("--profile-reps", type=int, default=3, help="lone requests per prompt length (default 3)")
     prof.add_argument("--profile-max-batch", type=int, default=32,
                       help="largest batch of concurrent streams per replica (default 32; keep it <= the model's "
@@ -190,7 +190,8 @@ def run_profile_command(ns: argparse.Namespace, console: Console) -> int:
     err = Console(stderr=True, soft_wrap=True)
     err.print(f"profiling {model} at {ns.url} (max_model_len {max_model_len})", highlight=False, soft_wrap=True)
     profile = run_profile(ns.url, model, max_model_len, reps=ns.profile_reps, max_batch=ns.profile_max_batch,
-                          replicas=ns.profile_replicas, kv_tokens=ns.profile_kv_tokens, token_id_range=_token_id_range(ns), api_key=ns.api_key,
+                          replicas=ns.profile_replicas, kv_tokens=ns.profile_kv_tokens,
+                          token_id_range=_token_id_range(ns), api_key=ns.api_key,
                           say=lambda line: err.print(f"  {line}", highlight=False))
     out = Path(ns.profile)
     out.parent.mkdir(parents=True, exist_ok=True)

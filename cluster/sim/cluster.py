@@ -125,7 +125,7 @@ class SimCluster:
     def run(self, trace: list[TraceRequest], progress: Callable[[int], None] | None = None) -> None:
         """Replay ``trace`` (sorted by arrival) until every request has finished."""
         total, arrived, never = len(trace), 0, float("inf")
-        delay = self.setup.serving_delay_s  # the serving path: the router sees a request this much after its client sent it
+        delay = self.setup.serving_delay_s  # the router sees a request this much after its client sent it
         while arrived < total or self.outstanding:
             next_arrival_s = trace[arrived].arrival_s + delay if arrived < total else never
             if self.events and self.events[0][0] <= next_arrival_s:

@@ -130,7 +130,8 @@ def profiled_setup(cfg: ModelConfig, profile: ServingProfile, replicas: int, *, 
     notes = [f"step model and serving delay ({profile.serving_delay_s * 1e3:.1f} ms per request) measured on "
              f"{profile.url} at {profile.measured_at}"]
     period = cfg.routing.stats_period_s if stats_period_s is None else stats_period_s
-    return Setup(model=cfg, plan=plan, step=profile.step, replicas=replicas, max_model_len=cfg.effective_max_model_len(),
+    return Setup(model=cfg, plan=plan, step=profile.step, replicas=replicas,
+                 max_model_len=cfg.effective_max_model_len(),
                  max_num_batched_tokens=int(batched), max_num_seqs=cfg.max_num_seqs, stats_period_s=period, seed=seed,
                  slo=slo or SLO(), notes=notes, serving_delay_s=profile.serving_delay_s)
 
