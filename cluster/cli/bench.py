@@ -184,6 +184,12 @@ def run_profile_command(ns: argparse.Namespace, console: Console) -> int:
     """``kvpilot bench --profile OUT``: measure, fit, write, and say what was found."""
     from cluster.bench.profile import run_profile
 
+    load_test = {"--rate": ns.rate, "--concurrency": ns.concurrency, "--trace": ns.trace, "--output": ns.output,
+                 "--plot-dir": ns.plot_dir, "--warmup": ns.warmup or None, "--save-requests": ns.save_requests or None}
+    given = [flag for flag, value in load_test.items() if value is not None]
+    if given:
+        raise ValueError(f"{given[0]}: {load_test[given[0]]} is a load-test flag; --profile {ns.profile} sends its "
+                         "own shapes and writes its result there")
     model, max_model_len = _server_model(ns)
     if not max_model_len:
         raise ValueError(f"--max-model-len: {ns.url} does not say its max_model_len; give it")
@@ -196,6 +202,9 @@ def run_profile_command(ns: argparse.Namespace, console: Console) -> int:
     out = Path(ns.profile)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(profile.to_dict(), indent=2))
+    if ns.json:
+        print(json.dumps(profile.to_dict(), indent=2))
+        return EXIT_OK
     f = profile.step.fit
     console.print(profile.describe(), highlight=False, soft_wrap=True)
     console.print(f"fit on {f.rows} rows: MAPE {f.mape:.1%} (prefill {f.mape_prefill:.1%}, decode "

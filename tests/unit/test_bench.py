@@ -406,3 +406,16 @@ def test_profile_measures_each_shape_and_writes_a_file_the_simulator_reads(fake_
     # The fake server answers TTFT_S after a request whatever its prompt: nothing is faster than that.
     assert min(s.ttft_ms for s in [*prof.prefill, prof.cached]) >= TTFT_S * 1e3
     assert prof.serving_delay_s == pytest.approx(max(0.0, prof.cached.ttft_ms - prof.decode[0].itl_ms) / 1e3)
+
+
+@pytest.mark.parametrize("flags", [["--rate", "2"], ["--concurrency", "4"], ["--output", "x.json"], ["--warmup", "3"]])
+def test_profile_refuses_load_test_flags_by_name(fake_server: str, flags: list[str]):
+    import argparse
+
+    from rich.console import Console
+
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args(["bench", "--url", fake_server, "--profile", "p.json", *flags])
+    with pytest.raises(ValueError, match=f"^{flags[0]}: {flags[1]}(\\.0)? is a load-test flag"):
+        run_bench(ns, Console())
