@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from datetime import datetime
@@ -272,11 +273,24 @@ def start_stack(stack: LocalStack) -> None:
     print(f"stack up in {time.monotonic() - started:.0f} s at {stack.url}", flush=True)
 
 
+def provenance() -> dict[str, str]:
+    """What produced a result: the command line and the checkout's commit (``-dirty`` with uncommitted changes)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    return {"commit": commit, "command": " ".join([Path(sys.executable).name, *sys.argv])}
+
+
 def write_result(out: Path, name: str, ns: argparse.Namespace, **fields: Any) -> Path:
-    """``OUT/NAME-<time>.json``: the script's arguments, ``fields`` and the load average; prints its path."""
+    """``OUT/NAME-<time>.json``: what produced it, the script's arguments, ``fields`` and the load average."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}-{timestamp()}.json"
-    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(ns).items()}, **fields,
+    path.write_text(json.dumps({**provenance(), "args": {k: str(v) for k, v in vars(ns).items()}, **fields,
                                 "load_average": os.getloadavg()}, indent=2))
     print(f"wrote {path}")
     return path

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fault_stack import ROOT, LocalStack, timestamp  # noqa: E402
+from fault_stack import ROOT, LocalStack, provenance, timestamp  # noqa: E402
 
 from tests.fuzz.conftest import API_KEY, MAX_TOKENS, fuzz_args  # noqa: E402
 from tests.fuzz.openapi_fuzz import run  # noqa: E402
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stack.stop()
         keys.unlink(missing_ok=True)
-    result = {"cases": total, "seconds_sending": round(seconds, 1), "cases_per_s": round(total / seconds, 1),
+    result = {**provenance(), "cases": total, "seconds_sending": round(seconds, 1), "cases_per_s": round(total / seconds, 1),
               "statuses": {str(k): v for k, v in sorted(statuses.items())},
               "server_errors": sum(v for k, v in statuses.items() if k >= 500), "findings": findings,
               "rounds": rounds, "load_average": os.getloadavg()}

@@ -36,7 +36,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fault_stack import ROOT, EngineWatch, LocalStack, role, start_stack, timestamp  # noqa: E402
+from fault_stack import ROOT, EngineWatch, LocalStack, provenance, role, start_stack, timestamp  # noqa: E402
 from cluster.bench.client import sse_data  # noqa: E402
 
 API_KEY = "sk-kvpilot-soak-0000000000000000000"
@@ -235,6 +235,7 @@ def scan_logs_for(logs: Path, secret: str) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# kvpilot soak {result['started']}", "",
+             f"`{result['command']}` at commit {result['commit']}", "",
              f"{result['minutes']} min at {result['rate_rps']:.2f} req/s ({result['load']:.0%} of the measured "
              f"capacity {result['capacity_rps']:.2f} req/s); {result['load_average_end']} load average at the end.",
              "", f"outcomes: {result['outcomes']}; still running at the end: {result['hung_at_end']}", "",
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     orphans = watch.orphans(within_s=15)
     samples = run.pop("samples")
     first, last = samples[0][1], samples[-1][1]
-    result = {"started": stamp, "config": str(ns.config), "minutes": ns.minutes, "load": ns.load,
+    result = {**provenance(), "started": stamp, "config": str(ns.config), "minutes": ns.minutes, "load": ns.load,
               "capacity_rps": capacity, "rate_rps": rate, **run, "warmup_min": warmup_min,
               "rss": rss_report(samples, warmup_min * 60, rate),
               "max_growth_pct": ns.max_growth_pct, "max_kib_per_request": ns.max_kib_per_request,

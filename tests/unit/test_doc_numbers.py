@@ -207,3 +207,38 @@ def test_check_fails_on_a_missing_file(tmp_path):
     doc = _DOC.replace("x/out.json", "x/gone.json")
     assert any("cites benchmarks/results/x/gone.json, which is not committed" in p
                for p in _made_up(tmp_path, doc, "{}"))
+
+
+# Every results path a reader is pointed to exists, and the results index lists every result.
+
+def _pointed_to() -> list[tuple[str, str]]:
+    """(where, path) of every ``benchmarks/results/...`` path in the docs, the results READMEs and the code."""
+    files = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / RESULTS).rglob("README.md"),
+             *(ROOT / "cluster").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    found = []
+    for f in files:
+        for p in _PATH.findall(f.read_text()):
+            p = p.rstrip(".,:;)/")
+            if p != RESULTS:
+                found.append((str(f.relative_to(ROOT)), p))
+    return found
+
+
+def test_every_results_path_in_the_docs_and_code_exists():
+    missing = []
+    for where, p in _pointed_to():
+        p = re.split(r"[A-Z]{3,}", p)[0]  # a placeholder (sim-fidelity-HHMM.json) ends the name
+        if p.endswith(("-", "_")):  # a name pattern (soak-<stamp>.md): some result must start with it
+            ok = any(q.name.startswith(p.rsplit("/", 1)[-1]) for q in (ROOT / p).parent.iterdir())
+        else:
+            ok = (ROOT / p).exists()
+        if not ok:
+            missing.append(f"{where}: {p}")
+    assert len(_pointed_to()) > 20 and not missing, "\n".join(missing)
+
+
+def test_the_results_index_lists_every_result():
+    index = (ROOT / RESULTS / "README.md").read_text()
+    unlisted = [p.name for p in (ROOT / RESULTS).iterdir() if p.name != "README.md"
+                and f"`{p.name}" not in index and f"`{p.stem}." not in index and f", `{p.name}" not in index]
+    assert not unlisted, f"not in {RESULTS}/README.md: {unlisted}"
