@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from cluster import metrics
@@ -31,3 +34,13 @@ def test_a_histogram_ray_would_refuse_is_refused_at_definition() -> None:
         metrics.Metric("kvpilot_x_seconds", "histogram", "x", (), (1.0, 1.0))
     with pytest.raises(ValueError, match="must be ASCII"):
         metrics.Metric("kvpilot_x_bytes", "gauge", "usage × bytes", ())
+
+
+def test_the_docs_metrics_table_lists_every_metric_with_its_type_and_labels():
+    """docs/autoscaling.md's table is what a user reads to write a query: it must match the definitions."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "autoscaling.md").read_text()
+    rows = {m[0]: (m[1], m[2]) for m in re.findall(r"^\| `ray_(\w+)` \| (\w+) \| ([\w, ]+) \|", doc, re.M)}
+    wrong = [f"{m.name}: {rows.get(m.name)} in the doc, ({m.kind!r}, {', '.join(m.labels)!r}) defined"
+             for m in metrics.ALL if rows.get(m.name) != (m.kind, ", ".join(m.labels))]
+    unknown = sorted(set(rows) - {m.name for m in metrics.ALL})
+    assert not wrong and not unknown, "\n".join(wrong + [f"{n}: in the doc, not defined" for n in unknown])
