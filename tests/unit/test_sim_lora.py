@@ -79,7 +79,8 @@ def test_base_model_runs_reproduce_the_numbers_from_before_lora(policy, goodput,
     # (a fresh install here moved them by 1e-13).
     assert (res.goodput_rps, res.ttft_p90_s) == (pytest.approx(goodput, rel=1e-9), pytest.approx(ttft_p90, rel=1e-9))
     lora_on, _, _ = simulate(w, policy, replace(setup, lora=lora_spec_for(setup.model)))
-    assert (lora_on.goodput_rps, lora_on.ttft_p90_s) == (res.goodput_rps, res.ttft_p90_s)  # LoRA on, no adapter: same run
+    # LoRA on, no adapter named: the same run
+    assert (lora_on.goodput_rps, lora_on.ttft_p90_s) == (res.goodput_rps, res.ttft_p90_s)
 
 
 def _one_adapter(rate: float, n: int) -> Workload:
