@@ -75,9 +75,16 @@ def is_hub_id(source: str) -> bool:
     return bool(_HUB_ID.match(source)) and not Path(source).expanduser().exists()
 
 
+def _local_path(source: str) -> Path:
+    try:
+        return Path(source).expanduser()
+    except RuntimeError:  # "~user/..." for a user this machine does not have
+        raise HubError(f"{source}: no such directory (no home directory for that user)") from None
+
+
 def resolve(source: str, revision: str | None = None) -> ResolvedSource:
     """Resolve a local directory or a hub id (at ``revision``, default ``main``)."""
-    path = Path(source).expanduser()
+    path = _local_path(source)
     if path.is_dir():
         if revision is not None:
             raise HubError(f"{source}: revision {revision!r} applies to hub ids, not to a local directory")
@@ -107,7 +114,7 @@ def resolve_adapter(source: str, revision: str | None = None) -> tuple[str, dict
     Unlike a model, an adapter is small: from the hub its config and weights are downloaded
     (``huggingface_hub``'s cache, same environment variables), since vLLM loads it from a path.
     """
-    path = Path(source).expanduser()
+    path = _local_path(source)
     if path.is_dir():
         if revision is not None:
             raise HubError(f"{source}: revision {revision!r} applies to hub ids, not to a local directory")

@@ -178,3 +178,12 @@ def test_planner_counts_lora_slots_per_gpu_and_their_kv_tokens(base, adapters):
         line = next(a for a in with_lora.assumptions if a.startswith("LoRA:"))
         assert f"{with_lora.per_gpu.lora_bytes // with_lora.kv_bytes_per_token:,} KV tokens" in line
         assert "host cache of 8 adapters" in line
+
+
+@pytest.mark.parametrize("source", ["~no-such-user-kvpilot/adapter", "", "/", "not a hub id", "a/b/c"])
+def test_an_adapter_source_that_is_no_adapter_is_a_hub_error(source):
+    """The admin load route answers these with 400 (HubError); anything else would be a 500 (a fuzz case)."""
+    from cluster.planning.hub import HubError, resolve_adapter
+
+    with pytest.raises(HubError):
+        resolve_adapter(source)
