@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ns = p.parse_args(argv)
 
+    os.environ["HF_HUB_OFFLINE"] = "1"  # generated adapter paths look like hub ids: never fetch them
     ns.out.mkdir(parents=True, exist_ok=True)
     stamp = timestamp()
     keys = ns.out / f".fuzz-keys-{stamp}"

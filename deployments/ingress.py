@@ -38,7 +38,7 @@ from cluster.planning.hub import resolve_source
 from cluster.serving.placement import ONGOING_PER_SLOT, SERVE_LOOP_ENV
 from cluster.serving.security import ANONYMOUS, KeyStore, RateLimiter, bearer_token, load_keys
 from deployments.protocol import FORWARDED_HEADERS, FORWARDED_ROUTES, LORA_ADMIN_ROUTES, HttpCall
-from deployments.telemetry import Recorder
+from deployments.telemetry import Recorder, log_where_serve_logs
 
 logger = logging.getLogger("kvpilot.ingress")
 
@@ -249,6 +249,12 @@ _GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
        for code, d in _ERROR_RESPONSES.items()},
 }
 
+_ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "vLLM's answer (text)", "content": {"text/plain": {}}},
+    **{code: {"description": d, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+       for code, d in {**_ERROR_RESPONSES, 403: "Not an admin API key", 404: "No such adapter"}.items()},
+}
+
 
 def _request_schemas() -> dict[str, type]:
     """vLLM's own request models for the forwarded routes (the OpenAPI document's bodies, which
@@ -266,6 +272,13 @@ def _request_schemas() -> dict[str, type]:
             "/tokenize": TokenizeCompletionRequest, "/detokenize": DetokenizeRequest}
 
 
+def _admin_schemas() -> dict[str, type]:
+    """vLLM's request models for adapter management; ``model`` (the base) is optional there."""
+    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+
+    return {"/v1/load_lora_adapter": LoadLoRAAdapterRequest, "/v1/unload_lora_adapter": UnloadLoRAAdapterRequest}
+
+
 def _openapi_document(app: FastAPI, model_names: list[str], auth: bool) -> dict[str, Any]:
     """FastAPI's document plus vLLM's JSON request bodies (the routes read the raw request and pass
     it on as bytes), with ``model`` restricted to the served names."""
@@ -274,12 +287,13 @@ def _openapi_document(app: FastAPI, model_names: list[str], auth: bool) -> dict[
     app.openapi_schema = None
     doc = copy.deepcopy(app.openapi())
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    for path, model in _request_schemas().items():
+    admin = _admin_schemas()
+    for path, model in {**_request_schemas(), **admin}.items():
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schema["properties"]["model"] = {"type": "string", "enum": list(model_names)}
         schema.setdefault("required", [])
-        if "model" not in schema["required"]:
+        if "model" not in schema["required"] and path not in admin:
             schema["required"].append("model")
         schemas[model.__name__] = schema
         doc["paths"][path]["post"]["requestBody"] = {
@@ -377,6 +391,7 @@ class Ingress:
     def __init__(self, handles: dict[str, Any], models: list[ModelConfig], ingress: IngressConfig | None = None):
         from transformers import AutoTokenizer
 
+        log_where_serve_logs()
         self._cfg = ingress or IngressConfig()
         self._handles = {name: h.options(stream=True) for name, h in handles.items()}
         self._calls = handles  # unary calls: readiness probes
@@ -611,7 +626,7 @@ class Ingress:
             return self._refuse(NO_MODEL, e)
 
     for _path in LORA_ADMIN_ROUTES:
-        lora_admin = api.post(_path, include_in_schema=False)(lora_admin)
+        lora_admin = api.post(_path, responses=_ADMIN_RESPONSES)(lora_admin)
     del _path
 
     def _lora_base(self, body: dict[str, Any]) -> str:
@@ -658,7 +673,8 @@ class Ingress:
         status, answer = await self._replica_call(base, "/v1/unload_lora_adapter",
                                                   json.dumps({"lora_name": name}).encode())
         logger.info("adapter %s unloaded from model %s (replica answered %d)", name, base, status)
-        return Response(f"Success: LoRA adapter '{name}' removed successfully.", status_code=200)
+        return Response(f"Success: LoRA adapter '{name}' removed successfully.", status_code=200,
+                        media_type="text/plain")
 
     async def _replica_call(self, model: str, path: str, raw: bytes) -> tuple[int, bytes]:
         call = HttpCall("POST", path, b"", [(b"content-type", b"application/json")], raw, uuid.uuid4().hex, [], 0)

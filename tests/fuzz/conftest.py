@@ -30,9 +30,12 @@ def fuzz_args(keys_file: Path) -> dict:
             "name": "tiny", "source": str(ROOT / ".fixtures/tiny-none"), "dtype": "float16", "accelerator": "cpu",
             "cpu_kv_cache_space_gib": 0.25, "max_model_len": 256, "max_num_seqs": 32,
             "limits": {"max_tokens": MAX_TOKENS, "max_queued_requests": 256},
+            # Adapter management is fuzzed too (the key is also an admin key), on a base with one adapter.
+            "lora": {"adapters": {"sql": str(ROOT / ".fixtures/tiny-lora/sql")}, "max_loras": 1,
+                     "max_lora_rank": 16, "preload": ["sql"]},
         }],
-        "ingress": {"auth": "required", "api_keys_file": str(keys_file), "requests_per_minute": 1_000_000,
-                    "tokens_per_minute": 100_000_000},
+        "ingress": {"auth": "required", "api_keys_file": str(keys_file), "admin_api_keys_file": str(keys_file),
+                    "requests_per_minute": 1_000_000, "tokens_per_minute": 100_000_000},
     }
 
 
@@ -43,8 +46,9 @@ def fuzz_url(tmp_path_factory) -> str:
 
     from deployments.app import build_app
 
-    if not (ROOT / ".fixtures/tiny-none/config.json").is_file():
-        pytest.fail(".fixtures/tiny-none is missing: run `make setup` (it builds the tiny model fixtures)")
+    for fixture in ("tiny-none/config.json", "tiny-lora/sql/adapter_config.json"):
+        if not (ROOT / ".fixtures" / fixture).is_file():
+            pytest.fail(f".fixtures/{fixture} is missing: run `make setup` (it builds the tiny fixtures)")
     keys = tmp_path_factory.mktemp("fuzz") / "api-keys"
     keys.write_text(API_KEY + "\n")
     os.chdir(ROOT)

@@ -21,6 +21,8 @@ PLAN = {
     ("POST", "/v1/embeddings"): {"positive": 40, "negative": 20},
     ("POST", "/tokenize"): {"positive": 60, "negative": 30},
     ("POST", "/detokenize"): {"positive": 60, "negative": 30},
+    ("POST", "/v1/load_lora_adapter"): {"positive": 40, "negative": 20},
+    ("POST", "/v1/unload_lora_adapter"): {"positive": 20, "negative": 10},
     ("GET", "/v1/models"): {"positive": 5},
     ("GET", "/health"): {"positive": 5},
 }
@@ -31,7 +33,8 @@ def test_openapi_document_describes_the_request_bodies(fuzz_url):
     doc = httpx.get(f"{fuzz_url}/openapi.json").json()
     for path, schema in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest"),
                          ("/v1/responses", "ResponsesRequest"), ("/tokenize", "TokenizeCompletionRequest"),
-                         ("/v1/messages", "AnthropicMessagesRequest")):
+                         ("/v1/messages", "AnthropicMessagesRequest"),
+                         ("/v1/load_lora_adapter", "LoadLoRAAdapterRequest")):
         body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body == {"$ref": f"#/components/schemas/{schema}"}
         assert doc["components"]["schemas"][schema]["properties"]["model"]["enum"] == ["tiny"]
