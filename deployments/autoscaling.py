@@ -17,7 +17,7 @@ from cluster import metrics
 from cluster.autoscaling.policy import Decision, ReplicaSignals, ScalerState, ScalingInput, decide
 from cluster.config import AutoscalingConfig
 from cluster.serving.calibration import ITL_FLOOR_KEY, KV_CAPACITY_KEY, SourceLog
-from deployments.telemetry import Recorder
+from deployments.telemetry import Recorder, log_where_serve_logs
 
 logger = logging.getLogger("kvpilot.autoscaling")
 
@@ -25,6 +25,7 @@ logger = logging.getLogger("kvpilot.autoscaling")
 class KVPilotAutoscaler:
     def __init__(self, model: str, config: dict[str, Any], kv_capacity_tokens: int, min_replicas: int,
                  max_replicas: int):
+        log_where_serve_logs()
         self._model = model
         self._cfg = AutoscalingConfig.model_validate(config)
         self._capacity = kv_capacity_tokens

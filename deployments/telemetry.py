@@ -6,9 +6,22 @@ constructor) and passes it where it is needed; nothing here is a module global.
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
 from typing import Any
 
 from cluster.metrics import Metric
+
+
+def log_where_serve_logs() -> None:
+    """kvpilot's loggers (``kvpilot.*``) write where this process's Serve logger does: the replica's or the
+    controller's log file, at Serve's level (INFO by default). Without it their INFO lines went nowhere.
+    Called by each Serve component's constructor; a no-op outside one (no Serve log file to write to)."""
+    serve, ours = logging.getLogger("ray.serve"), logging.getLogger("kvpilot")
+    if any(isinstance(h, (logging.handlers.MemoryHandler, logging.FileHandler)) for h in serve.handlers):
+        ours.handlers = list(serve.handlers)
+        ours.setLevel(serve.getEffectiveLevel())
+        ours.propagate = False  # as Serve's own logger: once in the component's log, not again on stderr
 
 
 class Recorder:
