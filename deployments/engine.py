@@ -20,11 +20,11 @@ from typing import Any
 
 from cluster import metrics
 from cluster.config import ModelConfig
-from cluster.serving.calibration import EngineCalibrator
+from cluster.serving.calibration import EngineCalibrator, warmup_requests
 from deployments import reaper
 from deployments.gpu import GpuMemoryProbe
 from deployments.protocol import LORA_ADMIN_ROUTES, HttpCall
-from deployments.telemetry import Recorder
+from deployments.telemetry import Recorder, log_where_serve_logs
 from deployments.vllm_frontend import VllmHttpApp
 
 logger = logging.getLogger("kvpilot.engine")
@@ -45,7 +45,9 @@ class EngineStats:
     updated_at: float = 0.0
 
     def __post_init__(self) -> None:
-        self.calibration = EngineCalibrator()  # not a field: asdict (the stats dict) leaves it out
+        # Not fields: asdict (the stats dict) leaves them out.
+        self.calibration = EngineCalibrator()
+        self.warming = False  # the start-up measurement runs: its steps feed the calibrator only
 
     def update(self, scheduler_stats: Any, iteration_stats: Any, rec: Recorder | None) -> None:
         if iteration_stats is not None:
@@ -53,6 +55,9 @@ class EngineStats:
             cal.observe_step(it.inter_token_latencies_iter, len(it.time_to_first_tokens_iter), it.num_prompt_tokens)
             for f in it.finished_requests:
                 cal.observe_prefill(f.num_prompt_tokens - f.num_cached_tokens, f.prefill_time)
+        if self.warming:
+            return
+        if iteration_stats is not None:
             self.prompt_tokens += iteration_stats.num_prompt_tokens
             self.generation_tokens += iteration_stats.num_generation_tokens
             self.preemptions += iteration_stats.num_preempted_reqs
@@ -179,6 +184,7 @@ class ModelServer:
     ):
         from ray import serve
 
+        log_where_serve_logs()
         self._model = model
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._rec = Recorder(model=model.name, replica=self._replica)
@@ -198,6 +204,38 @@ class ModelServer:
         if cache is not None and getattr(cache, "num_gpu_blocks", None):  # KV capacity as the engine allocated it
             self._stats.calibration.kv_capacity_tokens = int(cache.num_gpu_blocks) * int(cache.block_size)
         logger.info("model %s: engine ready in %.1f s", model.name, time.monotonic() - started)
+        await self._measure_engine()
+
+    async def _measure_engine(self) -> None:
+        """The start-up measurement (``cluster.serving.calibration.warmup_requests``): the ITL floor and prefill
+        speed known before the first request. A failure costs only the measurement: traffic refines it anyway."""
+        import asyncio
+
+        from vllm import SamplingParams
+
+        started = time.monotonic()
+        model_config = self._engine.vllm_config.model_config
+        if model_config.runner_type != "generate":
+            return
+        plan = warmup_requests(model_config.max_model_len, model_config.get_vocab_size(), self._stats.calibration)
+        self._stats.warming = True
+        try:
+            for i, (ids, n) in enumerate(plan):
+                params = SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0)
+                async for _ in self._engine.generate({"prompt_token_ids": ids}, params, f"kvpilot-measure-{i}"):
+                    pass
+            await asyncio.sleep(0.05)  # the last step's stats reach the stat logger after its output
+        except Exception as e:  # noqa: BLE001  (the replica serves without it)
+            logger.warning("model %s: start-up measurement failed (%s: %s); the plan's figures serve until traffic "
+                           "measures them", self._model.name, type(e).__name__, e)
+            return
+        finally:
+            self._stats.warming = False
+        facts = self._stats.calibration.snapshot()
+        logger.info("model %s: measured in %.1f s (%d requests): ITL floor %s, prefill %s", self._model.name,
+                    time.monotonic() - started, len(plan),
+                    "unknown" if facts.itl_floor_s is None else f"{facts.itl_floor_s * 1e3:.2f} ms",
+                    "unknown" if facts.prefill_tokens_per_s is None else f"{facts.prefill_tokens_per_s:,.0f} tokens/s")
 
     # --- requests --------------------------------------------------------
 

@@ -139,6 +139,26 @@ def _access_log_lines(deployment: str, replica_id: str) -> int:
     return sum(f.read_text().count("serve_http") for f in logs.glob(f"replica_kvpilot_{deployment}_{replica_id}.log*"))
 
 
+def test_every_replica_measured_its_engine_at_start(base_url):
+    """Before its first request a replica knows its ITL floor and prefill speed (cluster.serving.calibration's
+    start-up measurement), says so in its log, and counts none of it as traffic."""
+    import ray
+    from ray import serve
+
+    from cluster.serving.placement import deployment_name
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    for model in (FP16, AWQ_TP2):
+        deployment = deployment_name(model)
+        facts = serve.get_deployment_handle(deployment, app_name="kvpilot").record_routing_stats.remote().result()
+        print(model, {k: facts.get(k) for k in ("itl_floor_s", "prefill_tokens_per_s", "kv_capacity_tokens")})
+        assert 0 < facts["itl_floor_s"] < 1 and facts["prefill_tokens_per_s"] > 100 and facts["kv_capacity_tokens"] > 0
+        for _, rid in _replicas(deployment):
+            text = "".join(f.read_text() for f in logs.glob(f"replica_kvpilot_{deployment}_{rid}.log*"))
+            line = next((ln for ln in text.splitlines() if f"model {model}: measured in" in ln), "")
+            assert "ms, prefill" in line and "unknown" not in line, f"replica {rid} of {model}: {line or 'no line'}"
+
+
 def test_a_replica_logs_every_request_and_its_memory_stays_flat(base_url):
     """A short soak: the leak bound of benchmarks/soak.py, over a few thousand requests.
 

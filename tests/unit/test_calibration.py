@@ -80,3 +80,33 @@ def test_choose_and_sources():
     assert log.changed("a", "plan") and not log.changed("a", "plan") and log.changed("a", "measured")
     log.forget("a")
     assert log.changed("a", "measured")
+
+
+def test_the_start_up_measurement_gives_both_estimates_without_shared_prefixes():
+    from cluster.serving.calibration import warmup_requests
+
+    cal = EngineCalibrator()
+    plan = warmup_requests(4096, 32000, cal)
+    prefills, decode = plan[:-1], plan[-1]
+    assert len(prefills) == cal.min_samples and all(n == 1 and len(ids) == 512 for ids, n in prefills)
+    assert len({tuple(ids[:16]) for ids, _ in prefills}) == cal.min_samples  # no prompt block in common
+    assert len(decode[0]) == 1 and decode[1] >= cal.min_samples + 1  # enough all-decode steps at batch 1
+    assert all(100 <= t < 32000 for ids, _ in plan for t in ids)
+    # fed as the engine's steps would be (a lone prefill, then lone decode steps), both facts are known
+    for ids, _ in prefills:
+        cal.observe_step([], 1, len(ids))
+        cal.observe_prefill(len(ids), len(ids) / 50_000)
+    for _ in range(decode[1] - 1):
+        cal.observe_step([0.02], 0, 0)
+    facts = cal.snapshot()
+    assert facts.itl_floor_s == pytest.approx(0.02) and facts.prefill_tokens_per_s == pytest.approx(50_000)
+
+
+def test_a_short_context_or_tiny_vocabulary_still_gets_a_plan_that_fits():
+    from cluster.serving.calibration import warmup_requests
+
+    cal = EngineCalibrator()
+    assert warmup_requests(100, 32000, cal) == [([108], 16)]  # no room for a 128-token prefill: decode only
+    short = warmup_requests(200, 50, cal)
+    assert all(len(ids) + n <= 200 and max(ids) < 50 for ids, n in short) and len(short) == cal.min_samples + 1
+    assert warmup_requests(1, 32000, cal) == []
