@@ -214,12 +214,12 @@ class ModelServer:
         from vllm import SamplingParams
 
         started = time.monotonic()
-        model_config = self._engine.vllm_config.model_config
-        if model_config.runner_type != "generate":
-            return
-        plan = warmup_requests(model_config.max_model_len, model_config.get_vocab_size(), self._stats.calibration)
         self._stats.warming = True
         try:
+            model_config = self._engine.vllm_config.model_config
+            if model_config.runner_type != "generate":  # a pooling model has no decode to time
+                return
+            plan = warmup_requests(model_config.max_model_len, model_config.get_vocab_size(), self._stats.calibration)
             for i, (ids, n) in enumerate(plan):
                 params = SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0)
                 async for _ in self._engine.generate({"prompt_token_ids": ids}, params, f"kvpilot-measure-{i}"):
