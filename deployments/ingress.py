@@ -339,6 +339,16 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 _OBJECT_FIELDS = ("structured_outputs",)
 
 
+def _check_no_prompt_logprobs(path: str, body: dict[str, Any], model: str) -> None:
+    """vLLM 0.32's CPU LoRA kernels kill the engine computing prompt logprobs (``bgmv_shrink`` gets every
+    prompt token against indices sized for the batch: a fuzz find), so a LoRA model on the CPU refuses them."""
+    echoed = path == "/v1/completions" and body.get("echo") and body.get("logprobs") is not None
+    if body.get("prompt_logprobs") is not None or echoed:
+        raise _Refused(400, f"model {model} (LoRA on the CPU engine) does not serve prompt logprobs "
+                       "(prompt_logprobs, or echo with logprobs): vLLM 0.32 fails computing them",
+                       "prompt_logprobs", "unsupported_parameter")
+
+
 def _check_responses_input(body: dict[str, Any]) -> None:
     """vLLM 0.32 reads a Responses input message's ``content[0]`` when a tool-call output follows it,
     so an empty one was a 500 ("list index out of range", a fuzz find)."""
@@ -400,6 +410,7 @@ class Ingress:
         self._max_model_len = {m.name: m.effective_max_model_len() for m in models}
         self._limits = {m.name: m.limits for m in models}
         self._max_num_seqs = {m.name: m.max_num_seqs for m in models}
+        self._no_prompt_logprobs = {m.name for m in models if m.lora is not None and m.on_cpu}
         self._queue_bound = {
             m.name: m.limits.max_queued_requests or ONGOING_PER_SLOT * m.max_num_seqs * max(1, m.max_replicas)
             for m in models
@@ -569,6 +580,8 @@ class Ingress:
             if path == "/v1/responses":
                 _check_responses_input(body)
             model = self._model_of(body)
+            if model in self._no_prompt_logprobs:
+                _check_no_prompt_logprobs(path, body, model)
             early = self._limiter.check(client)  # the request rate, before spending time on tokenizing
             if not early.allowed:
                 raise self._rate_limited(early.limit, early.retry_after_s)
