@@ -342,10 +342,11 @@ _OBJECT_FIELDS = ("structured_outputs",)
 def _check_no_prompt_logprobs(path: str, body: dict[str, Any], model: str) -> None:
     """vLLM 0.32's CPU LoRA kernels kill the engine computing prompt logprobs (``bgmv_shrink`` gets every
     prompt token against indices sized for the batch: a fuzz find), so a LoRA model on the CPU refuses them."""
-    echoed = path == "/v1/completions" and body.get("echo") and body.get("logprobs") is not None
+    # vLLM turns echo into prompt logprobs: with logprobs on completions, with top_logprobs on chat
+    echoed = body.get("echo") and body.get("logprobs" if path == "/v1/completions" else "top_logprobs") is not None
     if body.get("prompt_logprobs") is not None or echoed:
         raise _Refused(400, f"model {model} (LoRA on the CPU engine) does not serve prompt logprobs "
-                       "(prompt_logprobs, or echo with logprobs): vLLM 0.32 fails computing them",
+                       "(prompt_logprobs, or echo with logprobs or top_logprobs): vLLM 0.32 fails computing them",
                        "prompt_logprobs", "unsupported_parameter")
 
 
