@@ -514,6 +514,12 @@ class ModelConfig(_Strict):
     def on_cpu(self) -> bool:
         return self.accelerator == "cpu"
 
+    @property
+    def serves_prompt_logprobs(self) -> bool:
+        """False for LoRA on the CPU engine: vLLM 0.32's CPU LoRA kernels (punica_cpu ``bgmv_shrink``) get every
+        prompt token against indices sized for the batch and kill the engine (a fuzz find); the ingress refuses."""
+        return not (self.lora is not None and self.on_cpu)
+
     def effective_max_model_len(self) -> int:
         return self.max_model_len or self.spec().max_position_embeddings
 

@@ -340,8 +340,8 @@ _OBJECT_FIELDS = ("structured_outputs",)
 
 
 def _check_no_prompt_logprobs(path: str, body: dict[str, Any], model: str) -> None:
-    """vLLM 0.32's CPU LoRA kernels kill the engine computing prompt logprobs (``bgmv_shrink`` gets every
-    prompt token against indices sized for the batch: a fuzz find), so a LoRA model on the CPU refuses them."""
+    """Refuse prompt logprobs, in any of the ways vLLM asks for them, for a model that cannot serve them
+    (``ModelConfig.serves_prompt_logprobs``)."""
     # vLLM turns echo into prompt logprobs: with logprobs on completions, with top_logprobs on chat
     echoed = body.get("echo") and body.get("logprobs" if path == "/v1/completions" else "top_logprobs") is not None
     if body.get("prompt_logprobs") is not None or echoed:
@@ -411,7 +411,7 @@ class Ingress:
         self._max_model_len = {m.name: m.effective_max_model_len() for m in models}
         self._limits = {m.name: m.limits for m in models}
         self._max_num_seqs = {m.name: m.max_num_seqs for m in models}
-        self._no_prompt_logprobs = {m.name for m in models if m.lora is not None and m.on_cpu}
+        self._no_prompt_logprobs = {m.name for m in models if not m.serves_prompt_logprobs}
         self._queue_bound = {
             m.name: m.limits.max_queued_requests or ONGOING_PER_SLOT * m.max_num_seqs * max(1, m.max_replicas)
             for m in models

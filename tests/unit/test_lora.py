@@ -187,3 +187,10 @@ def test_an_adapter_source_that_is_no_adapter_is_a_hub_error(source):
 
     with pytest.raises(HubError):
         resolve_adapter(source)
+
+
+def test_only_lora_on_the_cpu_engine_refuses_prompt_logprobs(base, adapters):
+    lora = {"adapters": {"sql": str(adapters / "sql")}}
+    on_cpu = ClusterConfig.from_args({"models": [_model(base, lora)]}).models[0]
+    plain = ClusterConfig.from_args({"models": [{**_model(base, {}), "lora": None}]}).models[0]
+    assert (on_cpu.serves_prompt_logprobs, plain.serves_prompt_logprobs) == (False, True)
