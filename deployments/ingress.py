@@ -339,11 +339,19 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 _OBJECT_FIELDS = ("structured_outputs",)
 
 
+# The strings pydantic's lax mode reads as False for a bool field
+_FALSE_WORDS = ("false", "0", "no", "off", "f", "n")
+
+
 def _check_no_prompt_logprobs(path: str, body: dict[str, Any], model: str) -> None:
     """Refuse prompt logprobs, in any of the ways vLLM asks for them, for a model that cannot serve them
     (``ModelConfig.serves_prompt_logprobs``)."""
-    # vLLM turns echo into prompt logprobs: with logprobs on completions, with top_logprobs on chat
-    echoed = body.get("echo") and body.get("logprobs" if path == "/v1/completions" else "top_logprobs") is not None
+    # vLLM turns echo into prompt logprobs: on completions with logprobs (default None); on chat
+    # always, as top_logprobs (default 0, and a null there becomes 0 too)
+    echo = body.get("echo")
+    echoed = echo not in (None, False, 0) and not (isinstance(echo, str) and echo.lower() in _FALSE_WORDS)
+    if path == "/v1/completions":
+        echoed = echoed and body.get("logprobs") is not None
     if body.get("prompt_logprobs") is not None or echoed:
         raise _Refused(400, f"model {model} (LoRA on the CPU engine) does not serve prompt logprobs "
                        "(prompt_logprobs, or echo with logprobs or top_logprobs): vLLM 0.32 fails computing them",

@@ -5,23 +5,42 @@ import pytest
 from deployments.ingress import _check_no_prompt_logprobs, _Refused
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 0}),
-    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}),
-    ("/v1/chat/completions", {"messages": [], "prompt_logprobs": 2}),
-    ("/v1/chat/completions", {"messages": [], "echo": True, "top_logprobs": 0}),  # vLLM: prompt_logprobs=0
-])
-def test_prompt_logprobs_on_a_cpu_lora_model_are_refused_naming_the_field(path, body):
-    with pytest.raises(_Refused) as e:
+# Every way a body can mention the fields vLLM reads for prompt logprobs, on both generation routes
+_LOGPROB_FIELDS = [{}, {"echo": True}, {"echo": "true"}, {"echo": False}, {"echo": "off"}, {"echo": 1}]
+_LOGPROB_FIELDS = [dict(e, **x) for e in _LOGPROB_FIELDS for x in (
+    {}, {"logprobs": 1}, {"logprobs": True}, {"top_logprobs": 0}, {"top_logprobs": 3}, {"top_logprobs": None},
+    {"prompt_logprobs": 0}, {"prompt_logprobs": None}, {"logprobs": True, "top_logprobs": 2})]
+
+
+def _vllm_asks_prompt_logprobs(path: str, body: dict) -> bool | None:
+    """What vLLM 0.32 itself makes of the body: None where its protocol refuses the body."""
+    from pydantic import ValidationError
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.exceptions import VLLMValidationError
+
+    cls = CompletionRequest if path == "/v1/completions" else ChatCompletionRequest
+    base = {"model": "tiny", "prompt": "x"} if path == "/v1/completions" else {
+        "model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+    try:
+        request = cls(**base, **body)
+    except (ValidationError, VLLMValidationError):
+        return None
+    return request.to_sampling_params(8, {}).prompt_logprobs is not None
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("body", _LOGPROB_FIELDS, ids=str)
+def test_prompt_logprobs_are_refused_exactly_when_vllm_would_compute_them(path, body):
+    """The refusal mirrors vLLM's own to_sampling_params (a chat's echo alone asks for them: its
+    top_logprobs defaults to 0, and null becomes 0; a fresh clone lost the fuzz model's engine to that)."""
+    asked = _vllm_asks_prompt_logprobs(path, body)
+    try:
         _check_no_prompt_logprobs(path, body, "tiny")
-    assert e.value.status == 400 and e.value.param == "prompt_logprobs" and "tiny" in str(e.value.message)
-
-
-@pytest.mark.parametrize("path, body", [
-    ("/v1/completions", {"prompt": "x", "logprobs": 1}),  # output logprobs are fine
-    ("/v1/completions", {"prompt": "x", "echo": True}),
-    ("/v1/chat/completions", {"messages": [], "echo": True, "logprobs": True}),  # no top_logprobs: none asked
-    ("/v1/chat/completions", {"messages": [], "logprobs": True, "top_logprobs": 3}),  # output logprobs
-])
-def test_other_logprobs_pass(path, body):
-    _check_no_prompt_logprobs(path, body, "tiny")
+        refused = False
+    except _Refused as e:
+        assert e.status == 400 and e.param == "prompt_logprobs" and "tiny" in str(e.message)
+        refused = True
+    if asked is None:  # vLLM refuses the body itself: refusing it first loses nothing
+        return
+    assert refused == asked, f"vLLM computes prompt logprobs: {asked}; the ingress refused: {refused}"
