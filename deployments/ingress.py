@@ -359,13 +359,21 @@ def _check_no_prompt_logprobs(path: str, body: dict[str, Any], model: str) -> No
 
 
 def _check_responses_input(body: dict[str, Any]) -> None:
-    """vLLM 0.32 reads a Responses input message's ``content[0]`` when a tool-call output follows it,
-    so an empty one was a 500 ("list index out of range", a fuzz find)."""
+    """vLLM 0.32 reads ``content[0].text`` of a Responses input item that is an assistant's output
+    message, so an empty content list was a 500 ("list index out of range") and a refusal part first
+    was one too ("'ResponseOutputRefusal' object has no attribute 'text'"): both fuzz finds."""
     items = body.get("input")
     for i, item in enumerate(items if isinstance(items, list) else ()):
-        if isinstance(item, dict) and item.get("type") == "message" and item.get("content") == []:
+        if not (isinstance(item, dict) and item.get("type") == "message" and item.get("role") == "assistant"):
+            continue
+        content = item.get("content")
+        if content == []:
             raise _Refused(400, f"input[{i}].content is empty: a message needs at least one content part",
                            f"input[{i}].content", "invalid_value")
+        if isinstance(content, list) and isinstance(content[0], dict) and content[0].get("type") == "refusal":
+            raise _Refused(400, f"input[{i}].content[0] is a refusal: vLLM 0.32 reads an assistant message's text "
+                           "from its first part, so put an output_text part first", f"input[{i}].content[0]",
+                           "invalid_value")
 
 
 def _as_openai_error(status: int, body: bytes, path: str) -> bytes | None:

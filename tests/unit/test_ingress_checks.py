@@ -2,7 +2,7 @@
 
 import pytest
 
-from deployments.ingress import _check_no_prompt_logprobs, _Refused
+from deployments.ingress import _check_no_prompt_logprobs, _check_responses_input, _Refused
 
 
 # Every way a body can mention the fields vLLM reads for prompt logprobs, on both generation routes
@@ -44,3 +44,47 @@ def test_prompt_logprobs_are_refused_exactly_when_vllm_would_compute_them(path, 
     if asked is None:  # vLLM refuses the body itself: refusing it first loses nothing
         return
     assert refused == asked, f"vLLM computes prompt logprobs: {asked}; the ingress refused: {refused}"
+
+
+_OUT = {"type": "output_text", "text": "a", "annotations": []}
+_REFUSAL = {"type": "refusal", "refusal": "no"}
+_TOOL_OUT = {"type": "function_call_output", "call_id": "c", "output": "4"}
+# Responses inputs around the items vLLM 0.32 builds chat messages from by reading content[0].text
+_RESPONSES_INPUTS = [
+    [{"type": "message", "role": role, **extra, "content": content}, *after]
+    for role in ("assistant", "user", "system")
+    for extra in ({}, {"id": "m", "status": "completed"})
+    for content in ([], [_REFUSAL], [_OUT, _REFUSAL], [_OUT], [{"type": "input_text", "text": "hi"}], "hi")
+    for after in ((), (_TOOL_OUT,))
+] + [[{"type": "reasoning", "id": "r", "summary": [], "content": []}], "hello"]
+
+
+def _vllm_builds_messages(items) -> bool | None:
+    """Whether vLLM 0.32 builds chat messages from the input; None where its protocol refuses the body."""
+    from pydantic import ValidationError
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.openai.responses.utils import construct_input_messages
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        request = ResponsesRequest(model="tiny", input=items)
+    except (ValidationError, VLLMValidationError):
+        return None
+    try:
+        construct_input_messages(request_input=request.input)
+    except (AttributeError, IndexError):  # what reached the client as a 500
+        return False
+    return True
+
+
+@pytest.mark.parametrize("items", _RESPONSES_INPUTS, ids=str)
+def test_responses_inputs_vllm_fails_on_are_refused_and_only_those(items):
+    built = _vllm_builds_messages(items)
+    try:
+        _check_responses_input({"input": items})
+        refused = False
+    except _Refused as e:
+        assert e.status == 400 and e.param.startswith("input[0].content"), e.param
+        refused = True
+    if built is not None:
+        assert refused == (not built), f"vLLM builds the messages: {built}; the ingress refused: {refused}"
