@@ -597,7 +597,7 @@ class Ingress:
             if path == "/v1/responses":
                 _check_responses_input(body)
             model = self._model_of(body)
-            if model in self._no_prompt_logprobs:
+            if model in self._no_prompt_logprobs and path in _GENERATING:  # the two routes that read these fields
                 _check_no_prompt_logprobs(path, body, model)
             early = self._limiter.check(client)  # the request rate, before spending time on tokenizing
             if not early.allowed:
