@@ -354,8 +354,8 @@ def _check_no_prompt_logprobs(path: str, body: dict[str, Any], model: str) -> No
         echoed = echoed and body.get("logprobs") is not None
     if body.get("prompt_logprobs") is not None or echoed:
         raise _Refused(400, f"model {model} (LoRA on the CPU engine) does not serve prompt logprobs "
-                       "(prompt_logprobs, or echo with logprobs or top_logprobs): vLLM 0.32 fails computing them",
-                       "prompt_logprobs", "unsupported_parameter")
+                       "(prompt_logprobs, echo with logprobs on completions, or echo on chat): "
+                       "vLLM 0.32 fails computing them", "prompt_logprobs", "unsupported_parameter")
 
 
 def _check_responses_input(body: dict[str, Any]) -> None:
