@@ -193,4 +193,6 @@ def test_only_lora_on_the_cpu_engine_refuses_prompt_logprobs(base, adapters):
     lora = {"adapters": {"sql": str(adapters / "sql")}}
     on_cpu = ClusterConfig.from_args({"models": [_model(base, lora)]}).models[0]
     plain = ClusterConfig.from_args({"models": [{**_model(base, {}), "lora": None}]}).models[0]
-    assert (on_cpu.serves_prompt_logprobs, plain.serves_prompt_logprobs) == (False, True)
+    on_gpu = ClusterConfig.from_args({"models": [{**_model(base, lora), "accelerator": "A10G"}]}).models[0]
+    assert (on_cpu.serves_prompt_logprobs, plain.serves_prompt_logprobs, on_gpu.serves_prompt_logprobs) == (
+        False, True, True)
