@@ -9,8 +9,12 @@ Memory: the predicted KV demand fits under ``target_kv_usage`` of the replicas'
 KV capacity (the planner's KV tokens)::
 
     demand    = KV tokens in use + tokens of the requests queued in engines and at the router
-    predicted = demand + max(0, its growth rate) × startup_s   (a new replica takes that long)
+    predicted = demand + max(0, growth rate of the KV in use) × startup_s   (a new replica takes that long)
     by_kv     = ceil(predicted / (capacity × target_kv_usage))
+
+Queued requests count as they stand, not extrapolated: a queue grows while the deployment is
+short of replicas and drains once the new ones serve, so its growth over a start-up is not a
+lasting need (projecting it asked for 24 replicas where 9 held a 3× burst, in the simulator).
 
 Compute: the decode inter-token latency (ITL) is estimated from what replicas report,
 Σ running sequences / Σ generated tokens per second over ``trend_window_s``. The
@@ -20,8 +24,12 @@ is the engine's step cost with little load; the share of the step
 time the load adds is the compute usage, which the policy keeps at
 ``target_compute_usage`` (an ITL of floor / (1 − usage): 3.3× the floor at the default 0.7)::
 
-    usage      = 1 − ITL floor / ITL over the window
-    by_compute = ceil(usage × mean serving replicas over the window / target_compute_usage)
+    usage      = 1 − ITL floor / ITL of a report         (per report in the window)
+    busy       = Σ running × serving replicas × usage / Σ running   (replicas' worth of compute in use)
+    by_compute = ceil(busy / target_compute_usage)
+
+Each report's usage is weighted with its own replica count, so a window that spans a change of
+count (more sequences per replica after a downscale) is not read as more load.
 
 It also adds a replica under sustained pressure (KV usage above ``high_kv_usage``,
 or requests waiting in the engines, averaged over the window, above
@@ -73,7 +81,7 @@ class ScalingInput:
 
 @dataclass(frozen=True)
 class ScalerState:
-    history: tuple[tuple[float, float], ...] = ()  # (time, KV demand in tokens), within the trend window
+    history: tuple[tuple[float, float], ...] = ()  # (time, KV tokens in use), within the trend window
     pressure_since: float | None = None
     low_since: float | None = None
     idle_since: float | None = None
@@ -147,8 +155,8 @@ class _KvNeed:
     running: float
     waiting: float  # in the engines
     demand: float  # tokens: in use plus the queued requests'
-    history: tuple[tuple[float, float], ...]  # (time, demand) within the trend window, now included
-    slope: float  # demand's growth, tokens per second
+    history: tuple[tuple[float, float], ...]  # (time, KV in use) within the trend window, now included
+    slope: float  # growth of the KV in use, tokens per second
     predicted: float  # demand after a new replica's start-up
     by_kv: int  # replicas the predicted demand needs
     ratio: float  # predicted demand over the current replicas' capacity
@@ -169,7 +177,7 @@ def _kv_need(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState) -> _
     waiting = sum(r.num_waiting for r in inp.replicas)
     per_request = used / running if running else DEFAULT_TOKENS_PER_REQUEST
     demand = used + (waiting + inp.queued_requests) * per_request
-    history = tuple((t, d) for t, d in state.history if now - t <= cfg.trend_window_s) + ((now, demand),)
+    history = tuple((t, d) for t, d in state.history if now - t <= cfg.trend_window_s) + ((now, used),)
     slope = _slope(history)
     predicted = demand + max(0.0, slope) * cfg.startup_s
     by_kv = math.ceil(predicted / (cap * cfg.target_kv_usage)) if predicted > 0 else 0
@@ -189,7 +197,8 @@ class _ComputeNeed:
     floor_s: float | None  # the ITL floor in use
     floor_source: str  # "override", "measured" or "learned"
     usage: float
-    by_compute: int  # replicas the compute usage needs
+    busy: float  # replicas' worth of decode compute in use over the window
+    by_compute: int  # replicas the compute in use needs
     floor_need: int  # what compute allows scaling down to (``have`` while the need is unknown)
 
     def text(self, cfg: AutoscalingConfig) -> str:
@@ -216,15 +225,25 @@ def _compute_need(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState,
     floor_s, floor_source = _itl_floor(inp, cfg, learned)
     if itl is not None and floor_s is not None:
         usage = max(0.0, 1.0 - floor_s / itl)
+        busy = _busy_replicas(load, floor_s)
     elif known and run_sum > 0 and gen_sum == 0:
-        usage = 1.0  # sequences running and no token generated in the whole window: saturated (or all prefilling)
+        usage, busy = 1.0, serving_avg  # sequences running and no token generated in the window: saturated
     else:
-        usage = 0.0
-    by_compute = math.ceil(usage * serving_avg / cfg.target_compute_usage - 1e-9) if usage > 0 else 0
+        usage = busy = 0.0
+    by_compute = math.ceil(busy / cfg.target_compute_usage - 1e-9) if busy > 0 else 0
     # Without a judged window, the compute need is unknown: it neither adds replicas nor allows removing one.
     floor_need = by_compute if known or not reported else have
-    return _ComputeNeed(load, waiting_avg, serving_avg, itl, learned, floor_s, floor_source, usage, by_compute,
-                        floor_need)
+    return _ComputeNeed(load, waiting_avg, serving_avg, itl, learned, floor_s, floor_source, usage, busy,
+                        by_compute, floor_need)
+
+
+def _busy_replicas(load: tuple[tuple[float, float, float, float, float], ...], floor_s: float) -> float:
+    """Replicas' worth of decode compute in use over the window: each sample's serving replicas × its
+    usage (1 − floor / that sample's ITL), weighted by its running sequences. Unlike the window's usage ×
+    its mean replica count, this does not overstate the need while the window spans a change of count
+    (after a downscale each replica runs more sequences, so the window's ITL is mostly the new one's)."""
+    running = sum(x[3] for x in load)
+    return max(0.0, (sum(x[1] * x[3] for x in load) - floor_s * sum(x[1] * x[4] for x in load)) / running)
 
 
 def _itl_floor(inp: ScalingInput, cfg: AutoscalingConfig, learned: float | None) -> tuple[float | None, str]:
@@ -270,12 +289,13 @@ def _rule(inp: ScalingInput, cfg: AutoscalingConfig, state: ScalerState, st: Sca
                     {"low_since": None})
         return "idle_at_zero", 0, "idle at zero replicas", {}
     if by_kv > have and by_kv >= by_compute:
-        return ("kv_demand", by_kv, f"KV demand {kv.predicted:,.0f} tokens (growing {kv.slope:,.0f}/s over a "
+        return ("kv_demand", by_kv, f"KV demand {kv.predicted:,.0f} tokens (in use growing {kv.slope:,.0f}/s over a "
                 f"{cfg.startup_s:.0f} s start-up) exceeds {cfg.target_kv_usage:.0%} of {cur} replicas' capacity",
                 {"low_since": None})
     if by_compute > have:
-        return ("compute_demand", by_compute, f"{compute.text(cfg)} on {compute.serving_avg:.1f} replicas exceeds "
-                f"the {cfg.target_compute_usage:.0%} target: {by_compute} replicas needed", {"low_since": None})
+        return ("compute_demand", by_compute, f"{compute.text(cfg)}: {compute.busy:.2f} replicas' worth of compute "
+                f"in use, over the {cfg.target_compute_usage:.0%} target of {have}: {by_compute} replicas needed",
+                {"low_since": None})
     if st.pressure_since is not None and now - st.pressure_since >= cfg.upscale_sustained_s:
         what = (f"max KV usage {p.max_kv:.0%}" if p.kv_high else "") + (", " if p.kv_high and p.queueing else "") + (
             f"{compute.waiting_avg:.1f} requests waiting per replica over {cfg.trend_window_s:.0f} s"
@@ -307,7 +327,7 @@ def _since(start: float | None, now: float) -> float:
 
 
 def _slope(history: tuple[tuple[float, float], ...]) -> float:
-    """Least-squares growth rate of KV demand, tokens per second."""
+    """Least-squares growth rate of the KV in use, tokens per second."""
     if len(history) < 2:
         return 0.0
     n = len(history)

@@ -136,6 +136,30 @@ def test_light_decoding_allows_removing_a_replica_only_when_n_minus_1_fits():
     assert d.desired == 2 and d.kind == "steady"
 
 
+def test_a_downscale_is_not_undone_by_a_window_that_spans_it():
+    # The same traffic (2,580 generated tokens/s in all) on 3 replicas at 35 ms per token, then on 2 at 60 ms:
+    # 1.28 replicas' worth of compute in use on 3, 1.33 on 2; both fit 2 at 70 %. A window half on each count
+    # averages 2.5 replicas with the mixed ITL (47 ms, usage 58 %) and read 3 replicas needed.
+    three = [_load(t, 3, 30, 860) for t in range(0, 332, 2)]
+    d, st = _run(three, cfg=COMPUTE)
+    assert d.kind == "downscale" and d.desired == 2
+    state, decisions = st, []
+    for t in range(332, 420, 2):
+        d, state = decide(_load(t, 2, 77.4, 1290, target=2), COMPUTE, state)
+        decisions.append((t, d.kind, d.desired))
+    assert all(desired == 2 for _, _, desired in decisions), decisions
+
+
+def test_a_queue_growing_at_full_kv_is_counted_as_it_stands_not_projected():
+    # 3 replicas with their KV 95 % full; the queue grows by 2 requests/s for 60 s (2,500 tokens each). What is
+    # queued needs KV when new replicas come up; its growth stops once they serve, so it is not projected.
+    samples = [_inp(t, 3, [0.95] * 3, waiting=2.0 * t / 3, running=38.0, hi=24) for t in range(0, 61, 2)]
+    d, _ = _run(samples)
+    used, queued = 3 * 0.95 * CAP, 120 * 0.95 * CAP / 38
+    assert d.kind == "kv_demand" and d.desired == -(-(used + queued) // (0.7 * CAP))  # 9; projected: 17
+    assert "in use growing 0/s" in d.reason
+
+
 def test_itl_floor_is_learned_when_not_configured():
     light = [_load(t, 2, 1, 50) for t in range(0, 61, 2)]  # 20 ms per token with one sequence
     heavy = [_load(t, 2, 100, 400) for t in range(62, 200, 2)]  # 250 ms
