@@ -15,7 +15,10 @@ through the real kvpilot stack and through ``cluster.sim`` and compare TTFT, TPO
 3. **Profile** the stack, idle, before any replay, as a user would (``kvpilot bench --profile``:
    ``cluster.bench.profile``: lone-request TTFT by prompt length, a cached prompt, inter-token
    gaps by batch), and simulate the slice again with the profile's step model and per-request
-   serving delay (``cluster.sim.profile``; ``--no-profile`` skips it).
+   serving delay (``cluster.sim.profile``; ``--no-profile`` skips it). Then measure what the engines
+   and the rest of the stack take of this host's cores (``measure_host``: one engine stepping alone,
+   and the non-engine CPU per output token with 8 streams) and simulate once more with the engines
+   slowed when they share the cores (``cluster.sim.host``; ``--no-host-share`` skips it).
 4. **Replay** the same slice (same arrival offsets, lengths, output lengths with ``ignore_eos``)
    against the real stack (``fault_stack.LocalStack``: its own Ray, Serve, kvpilot) with
    ``cluster.bench``, after a short warm-up.
@@ -262,6 +265,80 @@ def engine_counters() -> dict[str, float]:
     return out
 
 
+def cpu_snapshot() -> tuple[float, dict[int, tuple[str, float]]]:
+    """(machine busy CPU seconds, {pid: (process name, CPU seconds)}) for this user's processes, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        fields = [float(x) for x in f.readline().split()[1:]]
+    busy = (sum(fields) - fields[3] - fields[4]) / tick  # all but idle and iowait
+    procs: dict[int, tuple[str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != os.getuid():
+                continue
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile
+            continue
+        rest = stat[stat.rindex(")") + 2:].split()
+        name = "benchmark client (this process)" if int(entry) == os.getpid() else _process_name(cmd, stat)
+        procs[int(entry)] = (name, (float(rest[11]) + float(rest[12])) / tick)
+    return busy, procs
+
+
+def _process_name(cmd: str, stat: str) -> str:
+    """A stable name for a process: Ray's actor title (``ray::ServeReplica:...``), vLLM's engine core, else
+    the executable and script."""
+    if cmd.startswith("ray::") or cmd.startswith("VLLM") or not cmd:
+        return (cmd or stat[stat.index("(") + 1:stat.rindex(")")]).split(" ")[0]
+    words = [w for w in cmd.split(" ") if w and not w.startswith("-")]
+    return " ".join(Path(w).name for w in words[:2])
+
+
+def cpu_use(before: tuple, after: tuple, wall_s: float) -> dict[str, Any]:
+    """Cores in use over ``wall_s`` between two ``cpu_snapshot``s: the machine's, and per process name."""
+    by_name: dict[str, float] = {}
+    for pid, (name, cpu) in after[1].items():
+        was = before[1].get(pid)  # by pid alone: Ray retitles an actor's process with each task it runs
+        used = cpu - (was[1] if was else 0.0)
+        by_name[name] = by_name.get(name, 0.0) + max(0.0, used)
+    ranked = sorted(((n, round(c / wall_s, 3)) for n, c in by_name.items() if c / wall_s >= 0.005),
+                    key=lambda x: -x[1])
+    return {"wall_s": round(wall_s, 1), "machine_cores_busy": round((after[0] - before[0]) / wall_s, 3),
+            "cores": os.cpu_count(), "by_process": dict(ranked)}
+
+
+def measure_host(url: str, max_model_len: int) -> dict[str, Any]:
+    """What the engines and the serving path take of this host's cores (``cluster.sim.host``), on the stack
+    before any replay: one engine stepping alone (one stream at a time: the engine processes' cores), and the
+    rest of the machine's CPU per output token with 8 streams at once (everything but the engines)."""
+    from cluster.bench.runner import BenchConfig, run_benchmark
+    from cluster.bench.workload import Workload, build_workload
+
+    def run(n: int, concurrency: int, prompt: int, output: int, seed: int) -> tuple[dict, int]:
+        reqs = build_workload(num_requests=n, input_len=prompt, output_len=output, seed=seed,
+                              max_model_len=max_model_len, token_id_range=TOKEN_RANGE).requests
+        cfg = BenchConfig(base_url=url, model=MODEL, mode="concurrency", concurrency=concurrency, ignore_eos=True)
+        before, t0 = cpu_snapshot(), time.monotonic()
+        res = run_benchmark(cfg, Workload("host", "", reqs, False))
+        use = cpu_use(before, cpu_snapshot(), time.monotonic() - t0)
+        return use, sum(r.output_tokens or 0 for r in res.records if r.ok)
+
+    def engine(use: dict) -> float:
+        return sum(c for name, c in use["by_process"].items() if name.startswith("VLLM"))
+
+    solo, _ = run(3, 1, 64, 256, 97)
+    loaded, tokens = run(16, 8, 256, 128, 98)
+    rest = max(0.0, loaded["machine_cores_busy"] - engine(loaded)) * loaded["wall_s"]
+    return {"cores": float(os.cpu_count() or 1), "engine_cores": round(max(0.05, engine(solo)), 3),
+            "serving_cpu_s_per_token": round(rest / max(1, tokens), 6), "solo": solo, "loaded": loaded,
+            "loaded_output_tokens": tokens}
+
+
 METRICS_SETTLE_S = 12.0  # Ray's metrics agent exports every few seconds (metrics_report_interval_ms, 10 s)
 
 
@@ -277,7 +354,9 @@ def run_real(url: str, wl, time_scale: float, warmup: list | None) -> tuple[dict
             "warm-up", "", warmup, False))
     time.sleep(METRICS_SETTLE_S)
     before = engine_counters()
+    cpu_before, t0 = cpu_snapshot(), time.monotonic()
     res = run_benchmark(cfg, wl)
+    cpu = cpu_use(cpu_before, cpu_snapshot(), time.monotonic() - t0)
     time.sleep(METRICS_SETTLE_S)
     after = engine_counters()
     generated = after["kvpilot_engine_generation_tokens_total"] - before["kvpilot_engine_generation_tokens_total"]
@@ -293,7 +372,7 @@ def run_real(url: str, wl, time_scale: float, warmup: list | None) -> tuple[dict
                itl_p50_s=(res.summary["itl_ms"]["p50"] or 0) / 1e3, environment=res.environment,
                preemptions=round(after["kvpilot_engine_preemptions_total"]
                                  - before["kvpilot_engine_preemptions_total"]),
-               engine_generation_tokens=round(generated))
+               engine_generation_tokens=round(generated), cpu=cpu)
     return out, {r.index: r.ttft_s for r in done}, res.summary
 
 
@@ -305,7 +384,7 @@ ROWS = [("completed", "completed", 1, "{:.0f}"), ("TTFT p50 (ms)", "ttft_p50_s",
         ("output tok/s", "output_tok_s", 1, "{:.1f}"), ("preemptions", "preemptions", 1, "{:.0f}")]
 
 
-VARIANTS = (("sim", "sim"), ("sim_profile", "sim, profiled"))
+VARIANTS = (("sim", "sim"), ("sim_profile", "sim, profiled"), ("sim_host", "sim, profiled, shared host"))
 
 
 def table(levels: list[dict]) -> str:
@@ -368,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-real", action="store_true", help="calibrate and simulate, do not start the stack")
     p.add_argument("--no-profile", dest="stack_calibration", action="store_false",
                    help="skip kvpilot bench --profile through the stack (and the simulation with it)")
+    p.add_argument("--no-host-share", dest="host_share", action="store_false",
+                   help="do not measure the host's cores (cluster.sim.host) nor simulate the slice with them")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--num-cpus", type=int, default=4, help="Ray's logical CPUs for the stack")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -453,18 +534,31 @@ def main(argv: list[str] | None = None) -> int:
                     lv["sim_profile"], lv["_sim_profile_ttft"], _ = simulate_slice(
                         wl, lv["time_scale"], profiled_setup(ModelConfig(**model), profile, ns.replicas))
                 dump()
+                if ns.host_share:
+                    from dataclasses import replace
+
+                    from cluster.sim.host import HostShare
+
+                    extra["host"] = measured = measure_host(stack.url, ns.max_model_len)
+                    share = HostShare(measured["cores"], measured["engine_cores"], measured["serving_cpu_s_per_token"])
+                    print(f"host: {share}", flush=True)
+                    for lv in levels:
+                        lv["sim_host"], lv["_sim_host_ttft"], _ = simulate_slice(wl, lv["time_scale"], replace(
+                            profiled_setup(ModelConfig(**model), profile, ns.replicas), host=share))
+                    dump()
             for i, lv in enumerate(levels):
                 t = time.monotonic()
                 real, real_ttft, _ = run_real(stack.url, wl, lv["time_scale"], warm if i == 0 else None)
                 lv["real"] = real
-                for key in ("sim", "sim_profile"):
+                for key, _ in VARIANTS:
                     sim_ttft = lv.get(f"_{key}_ttft") or {}
                     gaps = [real_ttft[k] - sim_ttft[k] for k in real_ttft if k in sim_ttft]
                     lv[f"ttft_gap_real_minus_{key}_s"] = {q: float(np.percentile(gaps, int(q[1:])))
                                                          for q in ("p10", "p50", "p90")} if gaps else None
                 print(f"x{lv['time_scale']:g}: replayed in {time.monotonic() - t:.0f} s, "
-                      f"{real['completed']}/{real['requests']} completed, {real['preemptions']} preemptions",
-                      flush=True)
+                      f"{real['completed']}/{real['requests']} completed, {real['preemptions']} preemptions; "
+                      f"cores busy {real['cpu']['machine_cores_busy']:.2f} of {real['cpu']['cores']}, by process: "
+                      + ", ".join(f"{n} {c:.2f}" for n, c in real["cpu"]["by_process"].items()), flush=True)
                 dump()
         except Exception as e:  # keep what was measured; the stack is stopped below
             error = f"{type(e).__name__}: {e}"

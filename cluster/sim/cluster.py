@@ -47,6 +47,7 @@ from cluster.routing.policies import (AdapterLedger, Ledger, LoraRequestsInfo, P
                              make_policy)
 from cluster.routing.lora_policies import SIM_POLICIES
 from cluster.sim.engine import Replica, SimRequest
+from cluster.sim.host import HostContention
 from cluster.sim.workload import BLOCK_TOKENS as HASH_BLOCK_TOKENS, TraceRequest
 
 if TYPE_CHECKING:
@@ -114,6 +115,8 @@ class SimCluster:
         self.outstanding = 0
         self.kv_peak = 0.0
         self.now = 0.0
+        self.host = (HostContention(setup.host, lambda: [slot.engine for slot in self.replicas])
+                     if setup.host is not None else None)
         if periodic is not None:
             heapq.heappush(self.events, (0.0, TICK, -1, 0))
 
@@ -216,6 +219,8 @@ class SimCluster:
         engine = Replica(len(self.replicas), num_blocks=setup.num_blocks, model=setup.step,
                          block_size=setup.plan.block_size, max_num_batched_tokens=setup.max_num_batched_tokens,
                          max_num_seqs=setup.max_num_seqs, lora=setup.lora)
+        if self.host is not None:
+            engine.slowdown = self.host.slowdown
         slot = ReplicaSlot(len(self.replicas), engine, now, ready_s)
         self.replicas.append(slot)
         self.by_name[slot.name] = slot

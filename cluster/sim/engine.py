@@ -108,6 +108,9 @@ class Replica:
         # What the live replica's stat logger feeds (cluster.serving.calibration.EngineCalibrator.observe_decode):
         # each all-decode step's batch and smallest inter-token latency. None: not calibrating.
         self.calibrator = None
+        # Host cores shared with other engines and the serving path (cluster.sim.host): a step's time is
+        # multiplied by slowdown(self, now) when it starts. None: the engine has its accelerator to itself.
+        self.slowdown: Callable[[Replica, float], float] | None = None
         # statistics
         self.tokens_processed = 0
         self.tokens_generated = 0  # output tokens sampled (vLLM's generation tokens)
@@ -359,6 +362,8 @@ class Replica:
             self._sched = []
             return
         dt, all_decode = self._duration(sched)
+        factor = self.slowdown(self, now) if self.slowdown is not None else 1.0
+        dt *= factor
         self._all_decode = all_decode
         self.busy = True
         self._sched = sched
@@ -370,7 +375,7 @@ class Replica:
             k = min(req.target - req.num_out for req, _ in sched)
             k = self._fit_blocks(sched, k)
             if k > 1:
-                growth = self.model.c_kv * len(sched) / 1e3  # each step attends one more token per request
+                growth = factor * self.model.c_kv * len(sched) / 1e3  # each step attends one more token per request
                 self._macro = (now, k, dt, growth)  # step j (1..k) ends at now + j*dt + growth*j*(j-1)/2
                 dt = k * dt + growth * k * (k - 1) / 2
         self.t_end = now + dt

@@ -17,6 +17,7 @@ from cluster.planning.hardware import get_accelerator
 from cluster.planning.planner import Plan, _batched_tokens, plan_model
 from cluster.sim.cluster import SimCluster
 from cluster.sim.engine import Replica, SimRequest
+from cluster.sim.host import HostShare
 from cluster.sim.lora import LoraSpec
 from cluster.sim.metrics import PolicyResult, summarize
 from cluster.sim.perfmodel import StepModel, step_model_for
@@ -53,6 +54,7 @@ class Setup:
     notes: list[str] = field(default_factory=list)
     lora: LoraSpec | None = None  # LoRA on (requests may name adapters; cluster.sim.lora); None: off
     serving_delay_s: float = 0.0  # per request, outside the engine (cluster.sim.profile); 0: the engine alone
+    host: HostShare | None = None  # engines share the host's cores with the serving path (cluster.sim.host)
 
     @property
     def num_blocks(self) -> int:
@@ -79,6 +81,7 @@ class Setup:
             "slo": {"ttft_s": self.slo.ttft_s, "tpot_s": self.slo.tpot_s},
             "notes": self.notes,
             **({"lora": self.lora.to_dict()} if self.lora is not None else {}),
+            **({"host": self.host.to_dict()} if self.host is not None else {}),
         }
 
 

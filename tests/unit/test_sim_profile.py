@@ -11,6 +11,7 @@ from rich.console import Console
 
 from cluster.cli.simulate import add_simulate_parser, run_simulate
 from cluster.config import ClusterConfig
+from cluster.sim.host import HostShare
 from cluster.sim.profile import DecodeSample, PrefillSample, fit_profile, load_profile
 from cluster.sim.simulator import profiled_setup, simulate
 from cluster.sim.workload import TraceRequest, Workload
@@ -168,3 +169,30 @@ def test_autoscale_runs_on_a_profile_too(tmp_path: Path, capsys):
     assert out["setup"]["serving_delay_s"] == pytest.approx(0.03)
     (result,) = out["autoscalers"].values()
     assert result["completed"] == 80
+
+
+def _tpots(setup, reqs) -> dict[int, float]:
+    _, sims, _ = simulate(Workload("host", reqs, "test"), "kvpilot", setup)
+    return {s.index: (s.finish_t - s.first_t) / (s.target - 1) for s in sims}
+
+
+def test_engines_sharing_one_core_slow_each_other_and_a_lone_one_does_not():
+    """Two replicas on one core (one engine stepping alone uses it all): two requests decoding at once take
+    about twice as long per token as on accelerators of their own; requests that never overlap do not."""
+    setup = profiled_setup(_cfg(), _profile(), replicas=2)
+    shared = replace(setup, host=HostShare(cores=1.0, engine_cores=1.0, serving_cpu_s_per_token=0.0))
+    together = [TraceRequest(0.0, 200, 400, 0), TraceRequest(0.0, 200, 400, 1)]
+    alone, slowed = _tpots(setup, together), _tpots(shared, together)
+    assert all(1.8 < slowed[i] / alone[i] < 2.05 for i in (0, 1)), (alone, slowed)
+    sparse = [TraceRequest(i * 5.0, 200, 20, i) for i in range(4)]
+    assert _tpots(shared, sparse) == pytest.approx(_tpots(setup, sparse))
+    # The serving path's CPU per streamed token takes cores from the engines: one request slows down too.
+    busy_path = replace(setup, host=HostShare(cores=1.0, engine_cores=1.0, serving_cpu_s_per_token=0.001))
+    assert _tpots(busy_path, sparse[:1])[0] > 1.05 * _tpots(setup, sparse[:1])[0]
+
+
+def test_a_bad_host_share_names_the_field():
+    with pytest.raises(ValueError, match=r"HostShare\.cores: 0 must be > 0"):
+        HostShare(cores=0, engine_cores=1.0, serving_cpu_s_per_token=0.0)
+    with pytest.raises(ValueError, match=r"HostShare\.serving_cpu_s_per_token: -1 must be >= 0"):
+        HostShare(cores=2, engine_cores=1.0, serving_cpu_s_per_token=-1)
