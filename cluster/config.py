@@ -656,14 +656,32 @@ class ModelConfig(_Strict):
             out.append(f"quantization {self.effective_quantization()}: {support.note}")
         return out
 
-    def engine_args(self) -> dict[str, Any]:
-        """Keyword arguments for vLLM's ``AsyncEngineArgs``, derived from this config."""
+    def engine_dtype(self, host_has_amx: bool = False) -> str:
+        """The ``dtype`` handed to vLLM on a host (``host_has_amx``: the replica's CPU has AMX tiles).
+
+        On a CPU with AMX, vLLM 0.32 runs W8A8 INT8 layers on its AMX int8 kernel, which computes
+        bfloat16 only: in float16 the engine aborts at its first request ("scale_C: scalar path not
+        implemented!"). ``auto`` then resolves to bfloat16 (a float16 checkpoint would otherwise run in
+        float16); an explicit float16 is refused.
+        """
+        if self.effective_quantization() in ("awq", "gptq"):
+            return self.effective_dtype()
+        if self.on_cpu and host_has_amx and self.weight_format() == "int8" and self.effective_dtype() == "float16":
+            if self.dtype == "float16":
+                raise FieldError("dtype", self.dtype, f"(model {self.name!r}) cannot run W8A8 INT8 on this CPU: "
+                                 "vLLM's AMX int8 kernel computes bfloat16 only (float16 aborts the engine); "
+                                 "use bfloat16 or auto")
+            return "bfloat16"
+        return self.dtype
+
+    def engine_args(self, host_has_amx: bool = False) -> dict[str, Any]:
+        """Keyword arguments for vLLM's ``AsyncEngineArgs``, derived from this config (``engine_dtype``)."""
         args: dict[str, Any] = {
             "model": self.source,
             "revision": self.revision,
             "served_model_name": self.name,
             "quantization": VLLM_QUANTIZATION[self.quantization],
-            "dtype": self.effective_dtype() if self.effective_quantization() in ("awq", "gptq") else self.dtype,
+            "dtype": self.engine_dtype(host_has_amx),
             "kv_cache_dtype": self.kv_cache_dtype,
             "tensor_parallel_size": self.tensor_parallel_size,
             "pipeline_parallel_size": self.pipeline_parallel_size,

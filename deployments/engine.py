@@ -111,6 +111,14 @@ def _stat_logger_factory(stats: EngineStats, rec: Recorder | None) -> Callable[.
     return _ReplicaStatLogger
 
 
+def _host_has_amx() -> bool:
+    """Whether this host's CPU has AMX tiles (what vLLM's CPU kernels choose by)."""
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
 def start_vllm_engine(model: ModelConfig, stats: EngineStats, rec: Recorder | None = None) -> Any:
     """Build the replica's AsyncLLM from the config; on GPUs, inside this replica's placement group."""
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -120,7 +128,9 @@ def start_vllm_engine(model: ModelConfig, stats: EngineStats, rec: Recorder | No
 
     from vllm.config import StructuredOutputsConfig
 
-    kwargs = model.engine_args()
+    kwargs = model.engine_args(host_has_amx=_host_has_amx())
+    if kwargs["dtype"] != model.dtype:
+        logger.info("model %s: dtype %s runs as %s on this host", model.name, model.dtype, kwargs["dtype"])
     kwargs["structured_outputs_config"] = StructuredOutputsConfig(
         backend=model.openai.structured_outputs_backend,
         disable_any_whitespace=model.openai.disable_any_whitespace,
