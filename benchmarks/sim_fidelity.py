@@ -291,9 +291,11 @@ def cpu_snapshot() -> tuple[float, dict[int, tuple[str, float]]]:
 
 
 def _process_name(cmd: str, stat: str) -> str:
-    """A stable name for a process: Ray's actor title (``ray::ServeReplica:...``), vLLM's engine core, else
-    the executable and script."""
-    if cmd.startswith("ray::") or cmd.startswith("VLLM") or not cmd:
+    """A stable name for a process: Ray's actor title (``ray::ServeReplica:...``, without the ``.method`` of
+    the task it runs now, which Ray adds to the title), vLLM's engine core, else the executable and script."""
+    if cmd.startswith("ray::"):
+        return cmd.split(" ")[0].split(".")[0]
+    if cmd.startswith("VLLM") or not cmd:
         return (cmd or stat[stat.index("(") + 1:stat.rindex(")")]).split(" ")[0]
     words = [w for w in cmd.split(" ") if w and not w.startswith("-")]
     return " ".join(Path(w).name for w in words[:2])
